@@ -1,0 +1,205 @@
+"""Recipes: YAML files validated into typed objects before anything heavy runs.
+
+Validation is strict (unknown keys are errors) and every error names the dotted key path
+and the file. Registered names and their options are checked against the registry, so a
+misspelt plugin option fails here, not an hour into training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cl_ext import registry
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component(_Strict):
+    """A registered name plus the options its builder takes."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+
+
+class LRScheduleConfig(_Strict):
+    """Per-epoch schedule, restarted at every experience."""
+
+    name: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+
+class MemoryConfig(_Strict):
+    """Exemplar memory: a fixed total budget or a fixed count per class (exactly one)."""
+
+    size: int | None = Field(None, gt=0)
+    per_class: int | None = Field(None, gt=0)
+    selection: Literal["herding", "random"] = "herding"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "MemoryConfig":
+        if (self.size is None) == (self.per_class is None):
+            raise ValueError("give exactly one of memory.size (total budget) or memory.per_class")
+        return self
+
+
+class StrategyConfig(_Strict):
+    name: str = "naive"
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    memory: MemoryConfig | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationConfig(_Strict):
+    metrics: list[str] = Field(default_factory=lambda: ["incremental_accuracy"])
+    loggers: list[Component] = Field(default_factory=list)
+    nme: bool = Field(False, description="also score the nearest-mean-of-exemplars classifier")
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs"
+    name: str | None = Field(None, description="run name; defaults to the recipe file's stem")
+    report: bool = Field(True, description="write the HTML/Markdown report at the end of a run")
+    checkpoint: bool = Field(True, description="save model and plugin state after each experience")
+
+
+class Recipe(_Strict):
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    benchmark: Component
+    model: Component
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    plugins: list[Component] = Field(default_factory=list)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _check_registered(recipe: Recipe, source: str) -> None:
+    checks: list[tuple[str, str, Component | None]] = [
+        ("benchmark", "benchmark", recipe.benchmark),
+        ("model", "model", recipe.model),
+        ("strategy", "strategy", Component(name=recipe.strategy.name, options=recipe.strategy.options)),
+    ]
+    checks += [("plugin", f"plugins[{i}]", p) for i, p in enumerate(recipe.plugins)]
+    checks += [("logger", f"evaluation.loggers[{i}]", lg) for i, lg in enumerate(recipe.evaluation.loggers)]
+    checks += [
+        ("metric", f"evaluation.metrics[{i}]", Component(name=m)) for i, m in enumerate(recipe.evaluation.metrics)
+    ]
+    for kind, path, component in checks:
+        try:
+            entry = registry.get(kind, component.name)
+        except KeyError as err:
+            raise RecipeError(f"{source}: {path}.name: {err.args[0]}") from None
+        try:
+            entry.options_model.model_validate(component.options)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = _format_loc(first["loc"])
+            raise RecipeError(
+                f"{source}: {path}.options.{key}: {first['msg']} "
+                f"({kind} {component.name!r} takes: {', '.join(entry.options_model.model_fields) or 'no options'})"
+            ) from None
+
+
+def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping; raises RecipeError naming the file and the dotted key."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{_format_loc(e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+    _check_registered(recipe, source)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``strategy.epochs=5`` -> (["strategy", "epochs"], 5); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r}: expected KEY=VALUE, e.g. strategy.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys; a numeric part indexes a list (``plugins.0.options.margin=0.3``)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"override {text!r}: {where} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise RecipeError(f"override {text!r}: {'.'.join(path[:i])} is a value, not a mapping")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty")
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+        data.setdefault("output", {})
+        if isinstance(data["output"], dict) and data["output"].get("name") is None:
+            data["output"]["name"] = path.stem
+    return validate_recipe(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

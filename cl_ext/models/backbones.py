@@ -1,0 +1,156 @@
+"""Backbones and the incremental network that wraps them.
+
+Every cl-ext model is an :class:`IncrementalNet`: ``features(x)`` gives the penultimate
+features (used by herding, NME, UCIR's less-forget loss) and ``classifier`` is a head that
+grows with the classes. Models read their input shape and initial class count from the
+benchmark, so swapping the data is one recipe override.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from avalanche.models import IncrementalClassifier
+from torch import nn
+
+from cl_ext.context import BuildContext
+from cl_ext.registry import register
+
+
+class IncrementalNet(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.classifier = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def linear_head(feature_dim: int, initial_classes: int) -> IncrementalClassifier:
+    # Labels are remapped to 0..C-1 in learning order, so the head never has unseen units
+    # to mask.
+    return IncrementalClassifier(feature_dim, initial_out_features=initial_classes, masking=False)
+
+
+class MLP(nn.Module):
+    """Fully connected layers with ReLU; each ReLU is its own module (SLNID hooks onto them)."""
+
+    def __init__(self, in_features: int, hidden: list[int], dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_features = width
+        self.layers = nn.Sequential(*layers)
+        self.out_features = in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, last_relu: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.last_relu = last_relu
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return self.relu(out) if self.last_relu else out
+
+
+class ResNet(nn.Module):
+    """ResNet with BasicBlocks; ``last_relu=False`` drops the final block's ReLU (LUCIR, Sec. 4)."""
+
+    def __init__(
+        self,
+        blocks: list[int],
+        widths: list[int],
+        in_channels: int,
+        small_input: bool,
+        last_relu: bool = True,
+    ):
+        super().__init__()
+        if small_input:  # 32x32 inputs: 3x3 stem, no max-pool
+            stem = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
+        else:
+            stem = [nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)]
+        stem += [nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        if not small_input:
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(*stem)
+        stages: list[nn.Module] = []
+        in_planes = widths[0]
+        for stage, (n_blocks, width) in enumerate(zip(blocks, widths)):
+            layers = []
+            for b in range(n_blocks):
+                stride = 2 if (b == 0 and stage > 0) else 1
+                is_last = stage == len(blocks) - 1 and b == n_blocks - 1
+                layers.append(BasicBlock(in_planes, width, stride, last_relu=last_relu or not is_last))
+                in_planes = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = in_planes
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
+
+
+def _channels(ctx: BuildContext) -> int:
+    shape = ctx.info.input_shape
+    if len(shape) != 3:
+        raise ValueError(
+            f"model needs image input (C, H, W), but benchmark {ctx.info.name!r} gives shape {shape}; "
+            "use model.name=mlp for flat inputs"
+        )
+    return shape[0]
+
+
+@register("model", "mlp")
+def build_mlp(ctx: BuildContext, hidden: list[int] = [256, 256], dropout: float = 0.0) -> IncrementalNet:
+    """Multi-layer perceptron on flattened inputs (any benchmark)."""
+    backbone = MLP(math.prod(ctx.info.input_shape), list(hidden), dropout)
+    return IncrementalNet(backbone, backbone.out_features, linear_head(backbone.out_features, ctx.info.initial_classes))
+
+
+@register("model", "resnet32")
+def build_resnet32(ctx: BuildContext, last_relu: bool = True) -> IncrementalNet:
+    """CIFAR ResNet-32 (3 stages x 5 blocks, 16/32/64 channels, 64-d features)."""
+    backbone = ResNet([5, 5, 5], [16, 32, 64], _channels(ctx), small_input=True, last_relu=last_relu)
+    return IncrementalNet(backbone, backbone.out_features, linear_head(backbone.out_features, ctx.info.initial_classes))
+
+
+@register("model", "resnet18")
+def build_resnet18(ctx: BuildContext, last_relu: bool = True, small_input: bool | None = None) -> IncrementalNet:
+    """ResNet-18 (512-d features); 3x3 stem without max-pool for inputs of 64 px or less."""
+    if small_input is None:
+        small_input = ctx.info.input_shape[-1] <= 64
+    backbone = ResNet([2, 2, 2, 2], [64, 128, 256, 512], _channels(ctx), small_input, last_relu=last_relu)
+    return IncrementalNet(backbone, backbone.out_features, linear_head(backbone.out_features, ctx.info.initial_classes))
