@@ -14,10 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cl_ext import registry
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file and the key."""
+from cl_ext.errors import RecipeError
 
 
 class _Strict(BaseModel):
@@ -75,7 +72,6 @@ class StrategyConfig(_Strict):
 class EvaluationConfig(_Strict):
     metrics: list[str] = Field(default_factory=lambda: ["incremental_accuracy"])
     loggers: list[Component] = Field(default_factory=list)
-    nme: bool = Field(False, description="also score the nearest-mean-of-exemplars classifier")
 
 
 class OutputConfig(_Strict):

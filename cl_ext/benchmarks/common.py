@@ -1,0 +1,122 @@
+"""Building blocks shared by the benchmarks: an in-memory dataset, class orders, the split."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from avalanche.benchmarks import nc_benchmark
+from torch.utils.data import Dataset
+
+from cl_ext.context import BenchmarkBundle, BenchmarkInfo
+from cl_ext.errors import RecipeError
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as one tensor (uint8 CHW for images), with ``targets`` for Avalanche."""
+
+    def __init__(self, x: torch.Tensor, y: Sequence[int] | torch.Tensor):
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        self.x = x
+        self.targets = torch.as_tensor(y, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        return self.x[index], int(self.targets[index])
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) uint8 arrays -> (N, C, H, W) uint8 tensor."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4:
+        array = array.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(f"expected images of shape (N, H, W) or (N, H, W, C), got {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def resolve_class_order(class_order: str | list[int], n_classes: int, seed: int) -> list[int]:
+    """``'seed'``: a permutation drawn with NumPy's legacy seeding, as iCaRL and LUCIR do
+    (seed 1993 reproduces their CIFAR-100 order); ``'fixed'``: 0..C-1; or an explicit list."""
+    if class_order == "seed":
+        return np.random.RandomState(seed).permutation(n_classes).tolist()
+    if class_order == "fixed":
+        return list(range(n_classes))
+    if isinstance(class_order, str):
+        raise RecipeError(f"benchmark.options.class_order: expected 'seed', 'fixed' or a list, got {class_order!r}")
+    order = [int(c) for c in class_order]
+    if sorted(order) != list(range(n_classes)):
+        raise RecipeError(
+            f"benchmark.options.class_order: must be a permutation of 0..{n_classes - 1} "
+            f"(got {len(order)} entries)"
+        )
+    return order
+
+
+def split_sizes(n_classes: int, first_exp_classes: int | None, classes_per_exp: int) -> list[int]:
+    first = classes_per_exp if first_exp_classes is None else first_exp_classes
+    rest = n_classes - first
+    if first < 1 or classes_per_exp < 1 or rest < 0 or rest % classes_per_exp:
+        raise RecipeError(
+            f"benchmark.options: {n_classes} classes cannot be split into a first experience of {first} "
+            f"and further experiences of {classes_per_exp} classes each"
+        )
+    return [first] + [classes_per_exp] * (rest // classes_per_exp)
+
+
+def cap_per_class(y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices keeping at most ``limit`` samples per class (a seeded random choice)."""
+    if limit is None:
+        return torch.arange(len(y))
+    generator = torch.Generator().manual_seed(seed)
+    keep = [
+        idx[torch.randperm(len(idx), generator=generator)[:limit]]
+        for idx in (torch.nonzero(y == c).flatten() for c in y.unique())
+    ]
+    return torch.cat(keep).sort().values
+
+
+def class_incremental(
+    name: str,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    *,
+    n_classes: int,
+    first_exp_classes: int | None,
+    classes_per_exp: int,
+    class_order: str | list[int],
+    order_seed: int,
+    train_transform: Callable | None,
+    eval_transform: Callable | None,
+    class_names: list[str] | None = None,
+) -> BenchmarkBundle:
+    """A class-incremental Avalanche stream without task labels, labels remapped to learning order."""
+    order = resolve_class_order(class_order, n_classes, order_seed)
+    sizes = split_sizes(n_classes, first_exp_classes, classes_per_exp)
+    benchmark = nc_benchmark(
+        train,
+        test,
+        n_experiences=len(sizes),
+        task_labels=False,
+        fixed_class_order=order,
+        per_exp_classes={0: sizes[0]},
+        class_ids_from_zero_from_first_exp=True,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )
+    x0 = train[0][0]
+    info = BenchmarkInfo(
+        name=name,
+        input_shape=tuple(x0.shape),
+        n_classes=n_classes,
+        class_order=order,
+        classes_per_exp=sizes,
+        class_names=[class_names[c] for c in order] if class_names else None,
+    )
+    return BenchmarkBundle(benchmark, info)

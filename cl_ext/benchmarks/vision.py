@@ -1,0 +1,207 @@
+"""Image benchmarks: digits (embedded), any ``.npz``, split MNIST, split CIFAR-10/100."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from cl_ext.benchmarks.common import ArrayDataset, cap_per_class, class_incremental, images_to_tensor
+from cl_ext.context import BenchmarkBundle, BuildContext
+from cl_ext.errors import DataNotFoundError
+from cl_ext.registry import register
+
+ClassOrder = Literal["seed", "fixed"] | list[int]
+
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+MNIST_STATS = ((0.1307,), (0.3081,))
+
+
+def image_transforms(stats, augment: Literal["none", "cifar"]) -> tuple[v2.Compose, v2.Compose]:
+    """uint8 CHW tensors -> normalised float; ``cifar`` adds the standard pad-4 crop and mirror."""
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats)]
+    train = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment == "cifar" else []
+    return v2.Compose(train + to_float), v2.Compose(to_float)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    as_float = x.float() / 255
+    dims = (0, 2, 3)
+    return tuple(as_float.mean(dims).tolist()), tuple(as_float.std(dims).clamp_min(1e-6).tolist())
+
+
+def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"{what}: {path} does not exist. Point the option at a .npz file holding x_train, "
+            "y_train, x_test and y_test (images as uint8 (N, H, W) or (N, H, W, C), integer labels)."
+        )
+    with np.load(path, allow_pickle=False) as archive:
+        data = {k: archive[k] for k in archive.files}
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
+    if missing:
+        raise DataNotFoundError(f"{what}: {path} lacks the arrays {', '.join(missing)} (has {', '.join(data)})")
+    return data
+
+
+def _arrays_bundle(
+    ctx: BuildContext,
+    name: str,
+    data: dict[str, np.ndarray],
+    *,
+    stats,
+    augment,
+    first_exp_classes,
+    classes_per_exp,
+    class_order,
+    class_order_seed,
+    train_per_class,
+) -> BenchmarkBundle:
+    x_train, x_test = images_to_tensor(data["x_train"]), images_to_tensor(data["x_test"])
+    y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
+    y_test = torch.as_tensor(data["y_test"], dtype=torch.long)
+    keep = cap_per_class(y_train, train_per_class, ctx.recipe.seed)
+    x_train, y_train = x_train[keep], y_train[keep]
+    if stats is None:
+        stats = _channel_stats(x_train)
+    train_tf, eval_tf = image_transforms(stats, augment)
+    names = [str(n) for n in data["class_names"]] if "class_names" in data else None
+    return class_incremental(
+        name,
+        ArrayDataset(x_train, y_train),
+        ArrayDataset(x_test, y_test),
+        n_classes=int(y_train.max()) + 1,
+        first_exp_classes=first_exp_classes,
+        classes_per_exp=classes_per_exp,
+        class_order=class_order,
+        order_seed=ctx.recipe.seed if class_order_seed is None else class_order_seed,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        class_names=names,
+    )
+
+
+@register("benchmark", "digits")
+def build_digits(
+    ctx: BuildContext,
+    first_exp_classes: int | None = None,
+    classes_per_exp: int = 2,
+    class_order: ClassOrder = "seed",
+    class_order_seed: int | None = None,
+    test_fraction: float = 0.3,
+) -> BenchmarkBundle:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); embedded, works offline."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    # A stratified split that does not depend on the recipe seed, so runs compare on one test set.
+    generator = torch.Generator().manual_seed(0)
+    test_idx = torch.cat([
+        idx[torch.randperm(len(idx), generator=generator)[: round(len(idx) * test_fraction)]]
+        for idx in (torch.nonzero(y == c).flatten() for c in range(10))
+    ])
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[test_idx] = True
+    normalize = v2.Normalize((0.5,), (0.5,))
+    return class_incremental(
+        "digits",
+        ArrayDataset(x[~is_test], y[~is_test]),
+        ArrayDataset(x[is_test], y[is_test]),
+        n_classes=10,
+        first_exp_classes=first_exp_classes,
+        classes_per_exp=classes_per_exp,
+        class_order=class_order,
+        order_seed=ctx.recipe.seed if class_order_seed is None else class_order_seed,
+        train_transform=normalize,
+        eval_transform=normalize,
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+@register("benchmark", "npz")
+def build_npz(
+    ctx: BuildContext,
+    path: str,
+    first_exp_classes: int | None = None,
+    classes_per_exp: int = 2,
+    class_order: ClassOrder = "seed",
+    class_order_seed: int | None = None,
+    augment: Literal["none", "cifar"] = "none",
+    train_per_class: int | None = None,
+) -> BenchmarkBundle:
+    """Any .npz with x_train, y_train, x_test, y_test (uint8 images); normalised with its own statistics."""
+    data = load_npz(Path(path).expanduser(), "benchmark.options.path")
+    return _arrays_bundle(
+        ctx, Path(path).stem, data, stats=None, augment=augment, first_exp_classes=first_exp_classes,
+        classes_per_exp=classes_per_exp, class_order=class_order, class_order_seed=class_order_seed,
+        train_per_class=train_per_class,
+    )
+
+
+def _torchvision_arrays(dataset_cls, root: Path, download: bool, what: str, npz_name: str) -> dict[str, np.ndarray]:
+    """Arrays from ``<root>/<npz_name>`` if present, else torchvision's files under ``root``."""
+    npz = root / npz_name
+    if npz.is_file():
+        return load_npz(npz, f"benchmark.options.root ({what})")
+    try:
+        train = dataset_cls(str(root), train=True, download=download)
+        test = dataset_cls(str(root), train=False, download=download)
+    except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
+        raise DataNotFoundError(
+            f"{what} was not found under {root.resolve()} and could not be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}). "
+            f"Either put torchvision's {what} files there (as torchvision's {dataset_cls.__name__}(root, "
+            f"download=True) would on a machine with internet), or put a {npz_name} with x_train, y_train, "
+            f"x_test, y_test in that folder, then point the recipe at it with "
+            f"--set benchmark.options.root=FOLDER (add benchmark.options.download=true to try downloading)."
+        ) from None
+    data = {}
+    for split, ds in (("train", train), ("test", test)):
+        x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+        data[f"x_{split}"], data[f"y_{split}"] = x, np.asarray(ds.targets)
+    data["class_names"] = np.asarray(train.classes)
+    return data
+
+
+def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
+    def build(
+        ctx: BuildContext,
+        root: str = "data",
+        download: bool = False,
+        first_exp_classes: int | None = None,
+        classes_per_exp: int = 2,
+        class_order: ClassOrder = "seed",
+        class_order_seed: int | None = None,
+        train_per_class: int | None = None,
+    ) -> BenchmarkBundle:
+        data = _torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
+        return _arrays_bundle(
+            ctx, name, data, stats=stats, augment=augment, first_exp_classes=first_exp_classes,
+            classes_per_exp=classes_per_exp, class_order=class_order, class_order_seed=class_order_seed,
+            train_per_class=train_per_class,
+        )
+
+    return build
+
+
+def _register_torchvision() -> None:
+    from torchvision import datasets
+
+    specs = [
+        ("split_mnist", datasets.MNIST, "mnist.npz", MNIST_STATS, "none", "MNIST in class-incremental splits"),
+        ("split_cifar10", datasets.CIFAR10, "cifar10.npz", CIFAR10_STATS, "cifar", "CIFAR-10 in class-incremental splits"),
+        ("split_cifar100", datasets.CIFAR100, "cifar100.npz", CIFAR100_STATS, "cifar", "CIFAR-100 in class-incremental splits"),
+    ]
+    for name, cls, npz_name, stats, augment, summary in specs:
+        builder = _torchvision_benchmark(name, cls, npz_name, stats, augment)
+        builder.__doc__ = f"{summary}; reads ROOT/{npz_name} if present, else torchvision's files under ROOT."
+        register("benchmark", name)(builder)
+
+
+_register_torchvision()

@@ -1,0 +1,185 @@
+"""The ``cl-ext`` command line: thin wrappers around recipes and the runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cl_ext import registry
+from cl_ext.config import load_recipe, recipe_to_dict
+from cl_ext.errors import CLExtError
+
+app = typer.Typer(
+    help=(
+        "cl-ext: class-incremental learning methods for Avalanche, run from YAML recipes.\n\n"
+        "Examples:\n\n"
+        "  cl-ext run recipes/quickstart.yaml\n\n"
+        "  cl-ext run recipes/ucir.yaml --set strategy.epochs=5 --set benchmark.options.root=../shared/data\n\n"
+        "  cl-ext validate recipes/icarl.yaml\n\n"
+        "  cl-ext list"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help=(
+            "Override a recipe key by its dotted path; the value is parsed as YAML. Repeatable. "
+            "E.g. --set strategy.epochs=5 --set 'benchmark.options.class_order=[0,1,2,3,4,5,6,7,8,9]' "
+            "--set plugins.0.options.margin=0.3"
+        ),
+    ),
+]
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(1)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/ and docs/recipes.md).")],
+    overrides: SetOption = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice).")
+    ] = None,
+) -> None:
+    """Train and evaluate a recipe experience by experience, and write a run directory.
+
+    The run directory (output.dir/NAME-TIMESTAMP) holds the resolved recipe.yaml,
+    environment.json, metrics.json (accuracy matrix, average incremental accuracy, ...),
+    steps.csv and checkpoint.pt, rewritten after every experience.
+
+    Example: cl-ext run recipes/quickstart.yaml --set seed=1
+    """
+    from cl_ext.runner import build_experiment, new_run_dir, run_experiment
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        parsed = load_recipe(recipe, overrides or [])
+        with console.status("building benchmark, model and strategy..."):
+            experiment = build_experiment(parsed)
+    except CLExtError as err:
+        _fail(str(err))
+    except (ValueError, TypeError, RuntimeError, OSError) as err:
+        _fail(f"{recipe}: could not build the experiment: {err}")
+    info = experiment.ctx.info
+    run_dir = new_run_dir(parsed)
+    console.print(
+        f"[bold]{parsed.output.name}[/]: {info.name}, {info.n_experiences} experiences "
+        f"({'+'.join(map(str, info.classes_per_exp)) if len(set(info.classes_per_exp)) > 1 else info.classes_per_exp[0]} "
+        f"classes each), strategy {parsed.strategy.name}"
+        + (f" + {', '.join(p.name for p in parsed.plugins)}" if parsed.plugins else "")
+        + f", device {experiment.ctx.device}\nrun directory: {run_dir}"
+    )
+    table = Table(title=f"{parsed.output.name}: accuracy (%) after each experience")
+    for column in ("step", "classes", "seen", "old", "new", "avg incr.", "time (s)"):
+        table.add_column(column, justify="right")
+
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("training", total=None)
+
+        def on_progress(step: int, done: int, total: int) -> None:
+            progress.update(task, description=f"experience {step + 1}/{info.n_experiences}", completed=done, total=total)
+
+        def on_step(result) -> None:
+            m, t = result.metrics, result.step
+            aia = sum(m["seen_accuracy"][: t + 1]) / (t + 1)
+            row = (str(t), str(result.classes_seen), _fmt(m["seen_accuracy"][t]), _fmt(m["old_accuracy"][t]),
+                   _fmt(m["new_accuracy"][t]), _fmt(aia), f"{result.wall_time:.1f}")
+            table.add_row(*row)
+            progress.console.print(
+                f"experience {t + 1}/{info.n_experiences}: seen {row[2]}%  old {row[3]}%  new {row[4]}%  "
+                f"({row[6]} s)", highlight=False,
+            )
+
+        try:
+            metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress)
+        except KeyboardInterrupt:
+            _fail(f"interrupted; the finished experiences are saved in {run_dir}")
+    console.print(table)
+    console.print(
+        f"average incremental accuracy {_fmt(metrics['average_incremental_accuracy'])}% "
+        f"(excluding the first step {_fmt(metrics['average_incremental_accuracy_excl_first'])}%), "
+        f"final accuracy {_fmt(metrics['final_accuracy'])}%, forgetting {_fmt(metrics['forgetting'])} points\n"
+        f"results: {run_dir / 'metrics.json'}"
+    )
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file to check.")],
+    overrides: SetOption = None,
+) -> None:
+    """Validate a recipe (and overrides) and print it with every default filled in.
+
+    Exits 1 with a message naming the file and the dotted key when something is wrong.
+    Nothing is built or downloaded.
+
+    Example: cl-ext validate recipes/ucir.yaml --set strategy.epochs=5
+    """
+    try:
+        parsed = load_recipe(recipe, overrides or [])
+    except CLExtError as err:
+        _fail(str(err))
+    console.print(f"# {recipe}: valid", style="green")
+    console.print(yaml.safe_dump(recipe_to_dict(parsed), sort_keys=False), highlight=False, markup=False)
+
+
+@app.command("list")
+def list_components() -> None:
+    """List the registered benchmarks, models, strategies, plugins, metrics and loggers with their options."""
+    for kind in registry.KINDS:
+        table = Table(title=f"{kind}s", title_justify="left", show_lines=False)
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        table.add_column("options (defaults)")
+        seen = set()
+        for name in registry.names(kind):
+            entry = registry.get(kind, name)
+            if id(entry) in seen:
+                continue
+            seen.add(id(entry))
+            aliases = [n for n in registry.names(kind) if registry.get(kind, n) is entry and n != entry.name]
+            label = entry.name + (f" ({', '.join(aliases)})" if aliases else "")
+            defaults = entry.option_defaults()
+            options = ", ".join(
+                f"{k}={defaults[k]!r}" if k in defaults else f"{k} (required)" for k in entry.options_model.model_fields
+            )
+            table.add_row(label, entry.summary, options or "-")
+        console.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Errors that the CLI reports as one clear message instead of a traceback."""
+
+
+class CLExtError(Exception):
+    """Base class: the message is meant for the user as it stands."""
+
+
+class RecipeError(CLExtError, ValueError):
+    """A recipe that cannot be used; the message names the file and the dotted key."""
+
+
+class DataNotFoundError(CLExtError, FileNotFoundError):
+    """A benchmark's data is neither on disk nor downloadable; the message says where to put it."""

@@ -1,0 +1,232 @@
+"""Incremental-learning metrics as Avalanche plugin metrics.
+
+After training step t (0-based) the model is scored on the test data of every experience
+seen so far. From the per-experience counts come (see docs/metrics.md for the formulas):
+
+- ``accuracy_matrix[t][j]``: accuracy on test experience j after step t (None for j > t);
+- ``seen_accuracy[t]``: accuracy over all test samples of the classes seen so far;
+- ``old_accuracy[t]`` / ``new_accuracy[t]``: the same on experiences before t / on experience t;
+- ``new_prediction_share[t]``: share of predictions falling in step t's classes (the bias
+  towards new classes that BiC and IL2M correct);
+- ``average_incremental_accuracy``: mean of seen_accuracy over all steps (Rebuffi et al.
+  2017; Hou et al. 2019), and ``..._excl_first`` without the first, base step;
+- ``final_average_accuracy``: mean of the last row of the matrix; ``forgetting``: mean drop
+  from the best earlier accuracy (Chaudhry et al. 2018).
+
+Used in users' own scripts, add ``IncrementalAccuracy()`` to an ``EvaluationPlugin`` and
+evaluate on ``test_stream[: t + 1]`` after each training experience.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from avalanche.evaluation import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
+
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.memory import ExemplarMemory, model_features
+from cl_ext.nme import NMEClassifier, nme_from_memory
+from cl_ext.registry import register
+
+Matrix = Sequence[Sequence[float | None]]
+
+
+# -- pure functions on the accuracy matrix ------------------------------------------------
+def average_incremental_accuracy(seen_accuracy: Sequence[float], include_first: bool = True) -> float | None:
+    values = list(seen_accuracy) if include_first else list(seen_accuracy)[1:]
+    return float(np.mean(values)) if values else None
+
+
+def final_average_accuracy(matrix: Matrix) -> float | None:
+    if not matrix:
+        return None
+    last = [a for a in matrix[-1] if a is not None]
+    return float(np.mean(last)) if last else None
+
+
+def forgetting_at(matrix: Matrix, step: int) -> float | None:
+    """Mean over experiences j < step of (best accuracy on j before ``step``) - (accuracy on j at ``step``)."""
+    if step < 1:
+        return None
+    drops = []
+    for j in range(step):
+        earlier = [matrix[t][j] for t in range(j, step) if matrix[t][j] is not None]
+        now = matrix[step][j]
+        if earlier and now is not None:
+            drops.append(max(earlier) - now)
+    return float(np.mean(drops)) if drops else None
+
+
+@dataclass
+class _Counts:
+    correct: int = 0
+    total: int = 0
+    predicted_newest: int = 0
+
+
+def summarize(
+    counts: Sequence[dict[int, _Counts]], newest_classes_known: bool = True
+) -> dict[str, Any]:
+    """All derived metrics from per-step, per-test-experience counts."""
+    n_steps = len(counts)
+    width = max((max(row) + 1 for row in counts if row), default=0)
+    matrix: list[list[float | None]] = []
+    seen, old, new, share = [], [], [], []
+    for t, row in enumerate(counts):
+        matrix.append([
+            row[j].correct / row[j].total if (j <= t and j in row and row[j].total) else None
+            for j in range(max(width, n_steps))
+        ])
+        seen_rows = [row[j] for j in row if j <= t]
+        old_rows = [row[j] for j in row if j < t]
+        total = sum(c.total for c in seen_rows)
+        seen.append(sum(c.correct for c in seen_rows) / total if total else None)
+        old_total = sum(c.total for c in old_rows)
+        old.append(sum(c.correct for c in old_rows) / old_total if old_total else None)
+        new.append(matrix[t][t] if t < len(matrix[t]) else None)
+        share.append(sum(c.predicted_newest for c in seen_rows) / total if (total and newest_classes_known) else None)
+    seen_values = [s for s in seen if s is not None]
+    return {
+        "accuracy_matrix": matrix,
+        "seen_accuracy": seen,
+        "old_accuracy": old,
+        "new_accuracy": new,
+        "new_prediction_share": share,
+        "forgetting_per_step": [forgetting_at(matrix, t) for t in range(n_steps)],
+        "average_incremental_accuracy": average_incremental_accuracy(seen_values),
+        "average_incremental_accuracy_excl_first": average_incremental_accuracy(seen_values, include_first=False),
+        "final_average_accuracy": final_average_accuracy(matrix),
+        "final_accuracy": seen[-1] if seen else None,
+        "forgetting": forgetting_at(matrix, n_steps - 1) if n_steps else None,
+    }
+
+
+# -- the Avalanche plugin metric ----------------------------------------------------------
+class IncrementalAccuracy(PluginMetric[dict]):
+    """Accuracy matrix and the incremental metrics derived from it (CNN head predictions)."""
+
+    prefix = "IncrementalAccuracy"
+    result_key = "cnn"  # where the runner files these results in metrics.json (the CNN ones at top level)
+
+    def __init__(self):
+        super().__init__()
+        self.step = -1
+        self.exp_classes: dict[int, set[int]] = {}
+        self.counts: list[dict[int, _Counts]] = []
+        self._current: dict[int, _Counts] = {}
+
+    def reset(self) -> None:
+        self._current = {}
+
+    def result(self) -> dict[str, Any]:
+        return self.results()
+
+    def results(self) -> dict[str, Any]:
+        return summarize(self.counts, self._newest_classes_known())
+
+    def _newest_classes_known(self) -> bool:
+        # In task-incremental streams experiences share labels: "new classes" is undefined.
+        seen: set[int] = set()
+        for classes in self.exp_classes.values():
+            if seen & classes:
+                return False
+            seen |= classes
+        return True
+
+    def before_training_exp(self, strategy) -> None:
+        exp = strategy.experience
+        self.exp_classes[exp.current_experience] = {int(c) for c in exp.classes_in_this_experience}
+
+    def after_training_exp(self, strategy) -> None:
+        self.step += 1
+
+    def before_eval(self, strategy) -> None:
+        self.reset()
+
+    def predictions(self, strategy) -> torch.Tensor:
+        return strategy.mb_output.argmax(1)
+
+    def after_eval_iteration(self, strategy) -> None:
+        if self.step < 0:
+            return
+        predicted = self.predictions(strategy).cpu()
+        targets = strategy.mb_y.cpu()
+        exp_id = strategy.experience.current_experience
+        counts = self._current.setdefault(exp_id, _Counts())
+        counts.correct += int((predicted == targets).sum())
+        counts.total += len(targets)
+        newest = self.exp_classes.get(self.step, set())
+        if newest:
+            counts.predicted_newest += int(torch.isin(predicted, torch.tensor(sorted(newest))).sum())
+
+    def after_eval(self, strategy) -> list[MetricValue] | None:
+        if self.step < 0 or not self._current:
+            return None
+        row = dict(self._current)
+        if len(self.counts) > self.step:
+            self.counts[self.step] = row  # evaluated twice after one step: keep the latest
+        else:
+            self.counts.extend({} for _ in range(self.step - len(self.counts)))
+            self.counts.append(row)
+        summary = self.results()
+        values = {
+            "seen_accuracy": summary["seen_accuracy"][self.step],
+            "old_accuracy": summary["old_accuracy"][self.step],
+            "new_accuracy": summary["new_accuracy"][self.step],
+            "new_prediction_share": summary["new_prediction_share"][self.step],
+            "forgetting": summary["forgetting_per_step"][self.step],
+            "average_incremental_accuracy": summary["average_incremental_accuracy"],
+        }
+        step = strategy.clock.train_exp_counter
+        return [
+            MetricValue(self, f"{self.prefix}/{name}", value, step)
+            for name, value in values.items()
+            if value is not None
+        ]
+
+    def __str__(self) -> str:
+        return self.prefix
+
+
+class NMEAccuracy(IncrementalAccuracy):
+    """The same metrics for the nearest-mean-of-exemplars classifier built from a memory."""
+
+    prefix = "NMEAccuracy"
+    result_key = "nme"
+
+    def __init__(self, memory: ExemplarMemory, feature_fn=model_features):
+        super().__init__()
+        self.memory = memory
+        self.feature_fn = feature_fn
+        self._nme: NMEClassifier | None = None
+
+    def before_eval(self, strategy) -> None:
+        super().before_eval(strategy)
+        self._nme = nme_from_memory(strategy.model, self.memory, strategy.device, self.feature_fn)
+
+    def predictions(self, strategy) -> torch.Tensor:
+        with torch.no_grad():
+            return self._nme.predict(self.feature_fn(strategy.model, strategy.mb_x))
+
+    def after_eval_iteration(self, strategy) -> None:
+        if self._nme is not None:
+            super().after_eval_iteration(strategy)
+
+
+@register("metric", "incremental_accuracy")
+def build_incremental_accuracy(ctx: BuildContext) -> IncrementalAccuracy:
+    """Accuracy matrix, average incremental accuracy, old/new accuracy, forgetting (CNN head)."""
+    return IncrementalAccuracy()
+
+
+@register("metric", "nme_accuracy")
+def build_nme_accuracy(ctx: BuildContext) -> NMEAccuracy:
+    """The same metrics for the nearest-mean-of-exemplars classifier; needs strategy.memory."""
+    if ctx.memory is None:
+        raise RecipeError("metric 'nme_accuracy' needs an exemplar memory: set strategy.memory")
+    return NMEAccuracy(ctx.memory)

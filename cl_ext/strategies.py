@@ -1,0 +1,140 @@
+"""Avalanche's own strategies by recipe name, so cl-ext methods are compared in one harness.
+
+Builders read the shared settings (epochs, batch sizes, optimizer, plugins, evaluator) from
+the build context; their own keyword arguments are the strategy's ``options``. Any strategy
+gets rehearsal from the cl-ext exemplar memory when the recipe sets ``strategy.memory``,
+except iCaRL, which keeps its own memory (``owns_memory``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from avalanche.training import (
+    AGEM,
+    EWC,
+    GEM,
+    MAS,
+    ICaRL,
+    LwF,
+    Naive,
+    SynapticIntelligence,
+)
+from avalanche.training.supervised.cumulative import Cumulative
+
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.registry import register
+
+
+def common_kwargs(ctx: BuildContext) -> dict[str, Any]:
+    s = ctx.recipe.strategy
+    return dict(
+        optimizer=ctx.optimizer,
+        train_mb_size=s.batch_size,
+        train_epochs=s.epochs,
+        eval_mb_size=s.eval_batch_size,
+        device=ctx.device,
+        plugins=ctx.plugins,
+        evaluator=ctx.evaluator,
+        eval_every=-1,
+    )
+
+
+def _criterion() -> torch.nn.Module:
+    return torch.nn.CrossEntropyLoss()
+
+
+@register("strategy", "naive", "finetune")
+def build_naive(ctx: BuildContext) -> Naive:
+    """Fine-tuning on each experience (rehearses exemplars if strategy.memory is set)."""
+    return Naive(ctx.model, criterion=_criterion(), **common_kwargs(ctx))
+
+
+@register("strategy", "replay")
+def build_replay(ctx: BuildContext) -> Naive:
+    """Fine-tuning with exemplar rehearsal; needs strategy.memory."""
+    if ctx.recipe.strategy.memory is None:
+        raise RecipeError("strategy 'replay' needs strategy.memory (e.g. {size: 2000, selection: herding})")
+    return Naive(ctx.model, criterion=_criterion(), **common_kwargs(ctx))
+
+
+@register("strategy", "cumulative", "joint")
+def build_cumulative(ctx: BuildContext) -> Cumulative:
+    """Upper bound: at each step, train on the union of all data seen so far."""
+    return Cumulative(ctx.model, criterion=_criterion(), **common_kwargs(ctx))
+
+
+@register("strategy", "ewc")
+def build_ewc(
+    ctx: BuildContext,
+    ewc_lambda: float = 5000.0,
+    mode: Literal["separate", "online"] = "separate",
+    decay_factor: float | None = None,
+) -> EWC:
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
+    return EWC(
+        ctx.model, criterion=_criterion(), ewc_lambda=ewc_lambda, mode=mode,
+        decay_factor=decay_factor, **common_kwargs(ctx),
+    )
+
+
+@register("strategy", "lwf")
+def build_lwf(ctx: BuildContext, alpha: float = 1.0, temperature: float = 2.0) -> LwF:
+    """Learning without Forgetting (Li & Hoiem 2016)."""
+    return LwF(ctx.model, criterion=_criterion(), alpha=alpha, temperature=temperature, **common_kwargs(ctx))
+
+
+@register("strategy", "si")
+def build_si(ctx: BuildContext, si_lambda: float = 1.0, eps: float = 1e-7) -> SynapticIntelligence:
+    """Synaptic Intelligence (Zenke et al. 2017)."""
+    return SynapticIntelligence(ctx.model, criterion=_criterion(), si_lambda=si_lambda, eps=eps, **common_kwargs(ctx))
+
+
+@register("strategy", "mas")
+def build_mas(ctx: BuildContext, lambda_reg: float = 1.0, alpha: float = 0.5) -> MAS:
+    """Memory Aware Synapses (Aljundi et al. 2018)."""
+    return MAS(ctx.model, criterion=_criterion(), lambda_reg=lambda_reg, alpha=alpha, **common_kwargs(ctx))
+
+
+@register("strategy", "gem")
+def build_gem(ctx: BuildContext, patterns_per_exp: int = 256, memory_strength: float = 0.5) -> GEM:
+    """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017)."""
+    return GEM(
+        ctx.model, criterion=_criterion(), patterns_per_exp=patterns_per_exp,
+        memory_strength=memory_strength, **common_kwargs(ctx),
+    )
+
+
+@register("strategy", "agem")
+def build_agem(ctx: BuildContext, patterns_per_exp: int = 256, sample_size: int = 256) -> AGEM:
+    """Averaged GEM (Chaudhry et al. 2019)."""
+    return AGEM(
+        ctx.model, criterion=_criterion(), patterns_per_exp=patterns_per_exp,
+        sample_size=sample_size, **common_kwargs(ctx),
+    )
+
+
+@register("strategy", "icarl")
+def build_icarl(ctx: BuildContext) -> ICaRL:
+    """iCaRL (Rebuffi et al. 2017), Avalanche's implementation with its own herding memory and NCM."""
+    memory = ctx.recipe.strategy.memory
+    if memory is None or memory.size is None:
+        raise RecipeError("strategy 'icarl' needs strategy.memory.size (its total exemplar budget)")
+    model = ctx.model
+    if not (hasattr(model, "backbone") and hasattr(model, "classifier")):
+        raise RecipeError("strategy 'icarl' needs a cl-ext model (with backbone and classifier)")
+    kwargs = common_kwargs(ctx)
+    kwargs.pop("eval_every")
+    return ICaRL(
+        feature_extractor=model.backbone,
+        classifier=model.classifier,
+        memory_size=memory.size,
+        buffer_transform=None,
+        fixed_memory=True,
+        **kwargs,
+    )
+
+
+build_icarl.owns_memory = True
