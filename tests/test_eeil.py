@@ -72,7 +72,6 @@ def batches(experience, memory, batch_size=64):
 
 
 def test_distillation_terms_per_phase_balanced_set_and_teachers(monkeypatch):
-    torch.set_num_threads(1)
     exp = build_experiment(digits_recipe())
     plugin, model = exp.named_plugins["eeil"], exp.ctx.model
     teachers, snapshots, calls, phase = [], [], [], {"finetuning": False}
@@ -136,7 +135,6 @@ def test_distillation_terms_per_phase_balanced_set_and_teachers(monkeypatch):
 
 
 def test_without_balanced_finetuning_there_is_no_temporary_term(monkeypatch):
-    torch.set_num_threads(1)
     exp = build_experiment(digits_recipe(balanced_finetuning=False))
     seen = []
     original = eeil.distillation_terms
@@ -150,7 +148,6 @@ def test_without_balanced_finetuning_there_is_no_temporary_term(monkeypatch):
 
 
 def test_noise_steps_run_on_through_finetuning_and_augmented_training_runs():
-    torch.set_num_threads(1)
     exp = build_experiment(digits_recipe(augment="full", gradient_noise=True))
     plugin = exp.named_plugins["eeil"]
     first, second = exp.ctx.benchmark.benchmark.train_stream[:2]
