@@ -211,7 +211,7 @@ def test_disabled_mode_in_a_users_own_script(tmp_path, monkeypatch):
     assert logs["accuracy_matrix"].data[1][2:] == [pytest.approx(100 * a) for a in results["accuracy_matrix"][1]]
     logger.close()
     logger.close()  # idempotent
-    assert not any((tmp_path / "out").rglob("*.wandb"))
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
 
 
 def test_mode_comes_from_the_option_then_the_environment_then_offline(monkeypatch):
@@ -225,3 +225,15 @@ def test_nothing_logged_means_no_run(tmp_path):
     logger = WandbLogger(dir=tmp_path, mode="offline")
     logger.close()
     assert logger.run is None and not (tmp_path / "wandb").exists()
+
+
+def test_text_logger_opens_its_file_once_the_run_dir_exists(tmp_path):
+    from cl_ext.context import BuildContext
+    from cl_ext.loggers import build_text_logger
+
+    ctx = BuildContext(recipe=None, device=torch.device("cpu"))  # built before the run directory exists
+    logger = build_text_logger(ctx)
+    ctx.run_dir = tmp_path
+    print("-- >> Start of training phase << --", file=logger.file)
+    assert (tmp_path / "avalanche_log.txt").read_text() == "-- >> Start of training phase << --\n"
+    logger.close()
