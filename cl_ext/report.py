@@ -13,8 +13,8 @@ tables, figures, code). Three renderers read the same sections:
   :func:`publish_wandb_report` only when ``wandb-workspaces`` and a W&B server are available.
 
 Accuracies are fractions in metrics.json; reports show percentages, and forgetting in
-percentage points. This module imports neither torch nor Avalanche, so ``cl-ext report``
-starts quickly.
+percentage points. This module imports neither torch nor Avalanche, and matplotlib only when
+a figure is drawn, so ``cl-ext report`` starts quickly.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import yaml
-from matplotlib.figure import Figure as MplFigure
 
 from cl_ext.errors import CLExtError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure as MplFigure
 
 DPI = 100
 
@@ -242,6 +244,9 @@ def _slug(text: str) -> str:
 
 
 def _new_figure(width: float = 6.4, height: float = 3.8, ncols: int = 1):
+    # Imported here: matplotlib takes a second or two to load, and loggers and the CLI import this module.
+    from matplotlib.figure import Figure as MplFigure
+
     fig = MplFigure(figsize=(width, height), layout="constrained")
     return fig, fig.subplots(1, ncols)
 
@@ -415,10 +420,15 @@ def figure_known_series(run: RunData, plugin: str, known: KnownSeries, columns: 
 def plugin_blocks(run: RunData, name: str, summary: dict[str, Any], figure_prefix: str) -> list[Block]:
     blocks: list[Block] = []
     tables = plugin_step_tables(summary)
-    settings = flatten({k: v for k, v in summary.items() if k not in tables})
+    per_step = {k: v for k, v in summary.items()
+                if isinstance(v, list) and 1 < len(v) == run.n_steps and all(_is_number(x) or x is None for x in v)}
+    settings = flatten({k: v for k, v in summary.items() if k not in tables and k not in per_step})
     if settings:
         blocks.append(Table(["setting", "value"], [[k, fmt_value(v)] for k, v in settings.items()],
                             caption=f"{name}: settings and values"))
+    if per_step:
+        blocks.append(Table(["step", *per_step], [[str(t)] + [fmt_value(v[t]) for v in per_step.values()]
+                                                  for t in range(run.n_steps)], caption=f"{name}: values per step"))
     for key, (columns, rows) in tables.items():
         for known in KNOWN_SERIES:
             if all(k in columns and all(_is_number(r[columns.index(k)]) or r[columns.index(k)] is None for r in rows)

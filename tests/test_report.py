@@ -40,7 +40,7 @@ METRICS = {
     "wall_time_per_exp": [1.5, 2.0, 121.5],
     "total_wall_time": 125.0,
 }
-BIC = {"validation_fraction": 0.1, "steps": [
+BIC = {"validation_fraction": 0.1, "confidence_per_step": [0.9, 0.8, 0.75], "steps": [
     {"experience": 1, "units": [2, 4], "alpha": 0.8, "beta": -0.5, "validation_before": {"accuracy": 0.7}},
     {"experience": 2, "units": [4, 6], "alpha": 0.7, "beta": -0.9, "validation_before": {"accuracy": 0.6}},
 ]}
@@ -142,8 +142,9 @@ def test_single_run_report_sections(two_runs):
     assert headline.rows[-1] == ["wall time (training + evaluation)", "2 min 05 s", ""]
     plugin = report.sections[1].blocks
     assert plugin[0].rows == [["validation_fraction", "0.1"]]
-    assert isinstance(plugin[1], rp.Text) and "α·o + β" in plugin[1].text
-    correction = plugin[3]
+    assert plugin[1].columns == ["step", "confidence_per_step"] and plugin[1].rows[2] == ["2", "0.75"]
+    assert isinstance(plugin[2], rp.Text) and "α·o + β" in plugin[2].text
+    correction = plugin[4]
     assert correction.columns[:4] == ["experience", "units", "alpha", "beta"]
     assert correction.rows[0][:4] == ["1", "[2, 4]", "0.8", "-0.5"]
 
