@@ -8,6 +8,7 @@ a 7-byte header: CRC32C, length, type) of ``wandb_internal_pb2.Record`` protobuf
 import copy
 import json
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,8 @@ def wandb_records(path: Path):
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # still being written
+            return
         chunks += data[pos + 7: pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, LAST):
@@ -79,10 +82,21 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records once the run's last one (exit) is written: W&B's service writes the file
+    in the background and may still be at it when ``finish()`` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def read_offline_run(folder: Path) -> dict:
     """What an offline run logged: run info, config, history by step, summary, tables, artifacts."""
     out = {"config": {}, "history": {}, "summary": {}, "artifacts": {}, "tables": {}}
-    for record in wandb_records(next(folder.glob("run-*.wandb"))):
+    for record in finished_records(next(folder.glob("run-*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out.update(name=record.run.display_name, project=record.run.project, tags=list(record.run.tags))
