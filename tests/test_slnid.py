@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from avalanche.benchmarks import nc_benchmark
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 from torch import nn
@@ -31,9 +30,7 @@ from cl_ext.plugins.slnid import (
 )
 from cl_ext.runner import build_experiment, run_experiment
 
-SHARED_MNIST = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data" / "mnist.npz"
-if not SHARED_MNIST.is_file():
-    SHARED_MNIST = Path("/work/shared/data/mnist.npz")
+from conftest import shared_file
 
 
 def _recipe(**overrides) -> dict:
@@ -315,9 +312,9 @@ def test_activation_sparsity():
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not SHARED_MNIST.is_file(), reason="needs ../shared/data/mnist.npz")
-def test_permuted_mnist_full_data():
-    bundle = build_permuted_mnist(_ctx(), root=str(SHARED_MNIST.parent), n_experiences=2, train_per_class=50)
+def test_permuted_mnist_real_data():
+    root = shared_file("mnist.npz").parent
+    bundle = build_permuted_mnist(_ctx(), root=str(root), n_experiences=2, train_per_class=50)
     assert [len(e.dataset) for e in bundle.benchmark.train_stream] == [500, 500]
     assert [len(e.dataset) for e in bundle.benchmark.test_stream] == [10000, 10000]
     assert bundle.info.input_shape == (1, 28, 28) and bundle.info.n_classes == 10
