@@ -11,6 +11,8 @@ each final model (with its task label) and measures the hidden ReLU activations:
     python benchmarks/slnid_permuted.py --root ../shared/data                  # paper settings
     python benchmarks/slnid_permuted.py --root ../shared/data --epochs 2 --train-per-class 1000
     python benchmarks/slnid_permuted.py --recipe recipes/slnid_ewc.yaml --root ../shared/data
+    python benchmarks/slnid_permuted.py --root ../shared/data --epochs 2 \\
+        --set 'benchmark={name: split_mnist, options: {classes_per_exp: 2}}' --set model.options.multihead=false
 """
 
 from __future__ import annotations
@@ -64,12 +66,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    common = [f"benchmark.options.root={args.root}", f"seed={args.seed}", f"output.dir={args.out}"]
+    # The user's overrides first, so that e.g. a whole new benchmark mapping still gets --root.
+    common = args.overrides + [f"benchmark.options.root={args.root}", f"seed={args.seed}", f"output.dir={args.out}"]
     if args.epochs is not None:
         common.append(f"strategy.epochs={args.epochs}")
     if args.train_per_class is not None:
         common.append(f"benchmark.options.train_per_class={args.train_per_class}")
-    common += args.overrides
     rows = []
     for label, extra in (("without SLNID", ["plugins=[]"]), ("with SLNID", [])):
         recipe = load_recipe(args.recipe, common + extra + [f"output.name={Path(args.recipe).stem}-{'slnid' if not extra else 'base'}"])
@@ -83,8 +85,10 @@ def main() -> None:
         }
         rows.append((label, metrics, layers, run_dir))
 
-    strategy = load_recipe(args.recipe, common).strategy
-    print(f"\n{args.recipe}: {strategy.name}, {len(rows[0][1]['accuracy_matrix'])} tasks, {strategy.epochs} epochs, "
+    resolved = load_recipe(args.recipe, common)
+    strategy = resolved.strategy
+    print(f"\n{args.recipe}: {resolved.benchmark.name}, {strategy.name}, {len(rows[0][1]['accuracy_matrix'])} "
+          f"experiences, {strategy.epochs} epochs, "
           f"train_per_class={args.train_per_class}, seed {args.seed}; near-zero: activation <= {args.threshold}\n")
     print("| method | final avg. acc. (%) | forgetting (pts) | layer | zero (%) | near-zero (%) | active / input |")
     print("|---|---:|---:|---|---:|---:|---:|")
