@@ -6,13 +6,13 @@ Aljundi, Rohrbach and Tuytelaars, "Selfless Sequential Learning", ICLR 2019
 (the paper pairs it with MAS and EWC)::
 
     R = 1/M * sum_m sum_{i != j} w_ij * h_mi * h_mj
-    w_ij = exp(-(i - j)^2 / (2 sigma^2))  *  exp(-(alpha_i + alpha_j))      (Eq. 5)
+    w_ij = exp(-(i - j)^2 / (2 sigma^2))  *  exp(-(alpha_i + alpha_j))
            `--- local inhibition ---'        `--- discounting ---'
     sigma = N / scale
 
 ``alpha_i`` is the importance of neuron ``i`` for the tasks learned so far: the mean
 absolute gradient of the squared L2 norm of the network output with respect to the
-neuron's activation (Eq. 4), measured on the data of each finished task and summed over
+neuron's activation, measured on the data of each finished task and summed over
 tasks as in the authors' code. At the first task every ``alpha_i`` is zero, so there is
 no discounting. The authors' code also offers ``min(exp(-alpha_i), exp(-alpha_j))`` as
 the discount (``discount="min"``).
@@ -54,7 +54,7 @@ def locality_mask(
 
 
 def discount_weights(importance: torch.Tensor, mode: Literal["sum", "min"] = "sum") -> torch.Tensor:
-    """``exp(-(alpha_i + alpha_j))`` (``"sum"``, Eq. 5) or ``min(exp(-alpha_i), exp(-alpha_j))``
+    """``exp(-(alpha_i + alpha_j))`` (``"sum"``, the paper) or ``min(exp(-alpha_i), exp(-alpha_j))``
     (``"min"``, the authors' code)."""
     keep = torch.exp(-importance)
     if mode == "sum":
@@ -217,7 +217,7 @@ class SLNIDPlugin(SupervisedPlugin):
 
     @torch.enable_grad()
     def _neuron_importance(self, strategy) -> dict[str, torch.Tensor]:
-        """alpha_i = mean over the task's training data of |dL2(F(x))/dh_i| (Eq. 4), model in eval mode."""
+        """alpha_i = mean over the task's training data of |dL2(F(x))/dh_i|, model in eval mode."""
         model = strategy.model
         modes = {m: m.training for m in model.modules()}
         model.eval()
