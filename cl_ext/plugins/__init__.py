@@ -1,5 +1,6 @@
 """cl-ext method plugins (Avalanche ``SupervisedPlugin`` subclasses), one method per module."""
 
 from cl_ext.memory import ExemplarMemoryPlugin
+from cl_ext.plugins.ucir import UCIRPlugin
 
-__all__ = ["ExemplarMemoryPlugin"]
+__all__ = ["ExemplarMemoryPlugin", "UCIRPlugin"]
