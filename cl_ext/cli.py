@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -83,7 +84,8 @@ def run(
         with console.status("building benchmark, model and strategy..."):
             experiment = build_experiment(parsed)
     except CLExtError as err:
-        _fail(str(err))
+        message = str(err)
+        _fail(message if message.startswith(str(recipe)) else f"{recipe}: {message}")
     except (ValueError, TypeError, RuntimeError, OSError) as err:
         _fail(f"{recipe}: could not build the experiment: {err}")
     info = experiment.ctx.info
@@ -178,6 +180,11 @@ def list_components() -> None:
 
 def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
+    if not os.environ.get("CL_EXT_WARNINGS"):
+        # Avalanche and its optional solvers warn about their own deprecations on every run;
+        # CL_EXT_WARNINGS=1 shows them.
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
     app()
 
 
