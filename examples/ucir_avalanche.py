@@ -84,7 +84,8 @@ if __name__ == "__main__":
     for t, step in enumerate(results["ucir"]["steps"]):
         cnn_acc, nme_acc = results["cnn"]["seen_accuracy"][t], results["nme"]["seen_accuracy"][t]
         lam = f"{step['lambda']:.2f}" if "lambda" in step else "  -  "
-        print(f"{t:>4}  {step['n_old'] + step['n_new']:>7}   {cnn_acc:7.2%}   {nme_acc:7.2%}   {lam:>6}   {step['eta']:.2f}")
+        classes = step["n_old"] + step["n_new"]
+        print(f"{t:>4}  {classes:>7}   {cnn_acc:7.2%}   {nme_acc:7.2%}   {lam:>6}   {step['eta']:.2f}")
     print(
         f"average incremental accuracy: CNN {results['cnn']['average_incremental_accuracy']:.2%}, "
         f"NME {results['nme']['average_incremental_accuracy']:.2%}"

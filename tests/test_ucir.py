@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny models: extra intra-op threads only contend on a shared machine.
+    # conftest sets one thread per test, but module-scoped fixtures (ucir_run) set up before it.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -81,7 +81,8 @@ def test_margin_ranking_matches_authors_formulation():
     hard = targets < n_old
     gt = cosines[hard].gather(1, targets[hard, None]).repeat(1, k)
     top = cosines[hard, n_old:].topk(k, dim=1).values
-    reference = torch.nn.MarginRankingLoss(margin=m)(gt.reshape(-1, 1), top.reshape(-1, 1), torch.ones(hard.sum() * k, 1))
+    ones = torch.ones(int(hard.sum()) * k, 1)
+    reference = torch.nn.MarginRankingLoss(margin=m)(gt.reshape(-1, 1), top.reshape(-1, 1), ones)
     assert margin_ranking_loss(cosines, targets, n_old, m, k).item() == pytest.approx(reference.item(), abs=1e-6)
 
 
@@ -183,7 +184,8 @@ class Probe(SupervisedPlugin):
                 mean = F.normalize(F.normalize(features[labels == c], dim=1).mean(0), dim=0)
                 row = head.weight_new[c - head.num_old].detach()
                 step.setdefault("imprint_cos", []).append(float(F.cosine_similarity(row, mean, dim=0)))
-                step.setdefault("imprint_norm", []).append((row.norm().item(), head.weight_old.norm(dim=1).mean().item()))
+                old_norm = head.weight_old.norm(dim=1).mean().item()
+                step.setdefault("imprint_norm", []).append((row.norm().item(), old_norm))
             step["teacher_params"] = [p.detach().clone() for p in self.ucir.teacher.parameters()]
         self.steps.append(step)
 

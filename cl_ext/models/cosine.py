@@ -1,10 +1,10 @@
 """Cosine-normalised incremental classifier (Hou et al., CVPR 2019, "Learning a Unified
-Classifier Incrementally via Rebalancing", Sec. 3.2, Eq. 1-2 and 4).
+Classifier Incrementally via Rebalancing", the "cosine normalization" component).
 
 The logit of class c is ``eta * cos(w_c, f)``: weights and features are L2-normalised, so
 old and new classes compete on direction only and the magnitude bias towards new classes
 disappears; one learnable scale ``eta`` (init 1) sharpens the softmax. New classes can be
-imprinted (Sec. 3.2, after Qi et al. 2018): their weight is the normalised mean of their
+imprinted (after Qi et al., CVPR 2018): their weight is the normalised mean of their
 samples' normalised features, rescaled to the mean norm of the old weights.
 
 As in the authors' ``SplitCosineLinear``, the rows are kept in two parameters:
@@ -35,7 +35,10 @@ from torch import nn
 def imprinted_weights(
     features: torch.Tensor, labels: torch.Tensor, classes: list[int], norm: float
 ) -> torch.Tensor:
-    """One row per class in ``classes``: normalise(mean_i normalise(f_i)) * ``norm`` (LUCIR Sec. 3.2)."""
+    """One row per class in ``classes``: normalise(mean_i normalise(f_i)) * ``norm``.
+
+    The authors' ``--imprint_weights``: ``norm`` is the mean norm of the old classes' rows.
+    """
     features = F.normalize(features.double(), dim=1)
     rows = []
     for c in classes:

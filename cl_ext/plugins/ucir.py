@@ -3,18 +3,20 @@ Rebalancing"), checked against the authors' code (hshustc/CVPR19_Incremental_Lea
 
 On top of rehearsal from an exemplar memory, each incremental step:
 
-- classifies with a cosine head (``cl_ext.models.CosineIncrementalClassifier``, Sec. 3.2),
-  the new classes' weights imprinted from their features and the old classes' frozen;
-- adds the less-forget constraint (Sec. 3.3, Eq. 6), ``lambda * (1 - cos(f*(x), f(x)))`` on
-  the features entering the head, f* from the frozen previous model, with the adaptive
-  weight ``lambda = lambda_base * sqrt(|C_old| / |C_new|)`` (Eq. 7);
-- adds the inter-class separation (Sec. 3.4, Eq. 8): for every old-class sample in the
-  batch, a margin ranking loss between its ground-truth cosine and the top-K new-class
-  cosines (scores before eta);
+- classifies with a cosine head (``cl_ext.models.CosineIncrementalClassifier``, "cosine
+  normalization"), the new classes' weights imprinted from their features and the old
+  classes' frozen;
+- adds the "less-forget constraint", ``lambda * (1 - cos(f*(x), f(x)))`` on the features
+  entering the head, f* from the frozen previous model, with the adaptive weight
+  ``lambda = lambda_base * sqrt(|C_old| / |C_new|)``;
+- adds the "inter-class separation": for every old-class sample in the batch, a margin
+  ranking loss between its ground-truth cosine and the top-K new-class cosines (scores
+  before eta);
 - after the step, optionally finetunes the classifier on the exemplars alone, class-balanced,
-  with the backbone frozen (Sec. 4.1; ``--cb_finetune`` in the authors' code).
+  with the backbone frozen (the paper's class-balanced finetuning, ``--cb_finetune`` in the
+  authors' code).
 
-NME evaluation (Sec. 4) comes from the ``nme_accuracy`` metric on the same memory.
+NME evaluation comes from the ``nme_accuracy`` metric on the same memory.
 """
 
 from __future__ import annotations
@@ -39,21 +41,21 @@ from cl_ext.training import PhaseSchedule, train_phase
 
 # -- loss terms ----------------------------------------------------------------------------
 def less_forget_weight(lambda_base: float, n_old: int, n_new: int) -> float:
-    """Eq. 7: lambda = lambda_base * sqrt(|C_old| / |C_new|)."""
+    """The adaptive less-forget weight: lambda = lambda_base * sqrt(|C_old| / |C_new|)."""
     if n_old < 1 or n_new < 1:
         raise ValueError(f"the adaptive weight needs old and new classes, got {n_old} old and {n_new} new")
     return lambda_base * math.sqrt(n_old / n_new)
 
 
 def less_forget_loss(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
-    """Eq. 6, averaged over the batch: 1 - cos(f*(x), f(x)); the old features get no gradient."""
+    """The less-forget term averaged over the batch: 1 - cos(f*(x), f(x)); f* gets no gradient."""
     return (1 - F.cosine_similarity(features, old_features.detach(), dim=1)).mean()
 
 
 def margin_ranking_loss(
     cosines: torch.Tensor, targets: torch.Tensor, n_old: int, margin: float = 0.5, top_k: int = 2
 ) -> torch.Tensor:
-    """Eq. 8: max(0, m - cos_gt + cos_k) for the top-K new classes of every old-class sample.
+    """Inter-class separation: max(0, m - cos_gt + cos_k) for the top-K new classes of every old-class sample.
 
     ``cosines`` are the head's scores before eta, shape (N, n_classes), classes ``>= n_old``
     being new. Averaged over the (old-class samples x K) pairs as the authors'
@@ -168,7 +170,7 @@ class UCIRPlugin(SupervisedPlugin):
             record["imprinted"] = head.imprint(features, labels)
         if self.adaptive_lambda and n_new > 0:
             self._lambda = less_forget_weight(self.lambda_base, self._n_old, n_new)
-        else:  # fixed weight, or an experience without new classes (Eq. 7 is undefined)
+        else:  # fixed weight, or an experience without new classes (the ratio is undefined)
             self._lambda = self.lambda_base
         record["lambda"] = self._lambda
         self._student_input = _HeadInput(head)
