@@ -155,15 +155,14 @@ class UCIRPlugin(SupervisedPlugin):
         classes = [int(c) for c in strategy.experience.classes_in_this_experience]
         n_new = sum(c >= self._n_old for c in classes)
         record: dict[str, Any] = {"n_old": self._n_old, "n_new": n_new}
+        self.history.append(record)
         if self._n_old == 0:  # base step: plain cross-entropy on the cosine head
-            self.teacher = None
-            self._student_input = _HeadInput(head)
-            self.history.append(record)
             return
-        # Copy the teacher before any hook is registered on the model, so none is copied.
-        self.teacher = copy.deepcopy(model).eval()
-        self.teacher.requires_grad_(False)
-        self._teacher_input = _HeadInput(find_cosine_head(self.teacher))
+        if self.less_forget:
+            # Copied before any hook is registered on the model, so that none is copied.
+            self.teacher = copy.deepcopy(model).eval()
+            self.teacher.requires_grad_(False)
+            self._teacher_input = _HeadInput(find_cosine_head(self.teacher))
         head.weight_old.requires_grad_(not self.freeze_old)
         if self.imprint:
             features, labels = self._head_features(model, strategy.experience.dataset, strategy.device)
@@ -174,10 +173,9 @@ class UCIRPlugin(SupervisedPlugin):
             self._lambda = self.lambda_base
         record["lambda"] = self._lambda
         self._student_input = _HeadInput(head)
-        self.history.append(record)
 
     def before_backward(self, strategy, **kwargs):
-        if self.teacher is None:
+        if self._student_input is None:  # base step
             return
         features = self._student_input.features
         if self.less_forget:
@@ -192,13 +190,13 @@ class UCIRPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         record = self.history[-1]
-        if self.teacher is not None and self.cb_finetune:
+        if self._n_old > 0 and self.cb_finetune:
             record["finetune_loss"] = self._class_balanced_finetune(strategy)
         record["eta"] = float(self.head.eta.detach())
-        self._student_input.remove()
-        if self._teacher_input is not None:
-            self._teacher_input.remove()
-        self.teacher = self._teacher_input = None
+        for tap in (self._student_input, self._teacher_input):
+            if tap is not None:
+                tap.remove()
+        self.teacher = self._teacher_input = self._student_input = None
         self.head.weight_old.requires_grad_(True)
 
     # -- parts ---------------------------------------------------------------------------
@@ -227,7 +225,7 @@ class UCIRPlugin(SupervisedPlugin):
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                model(x)
+                model(x)  # the backbone is frozen: its features need no graph
             scores = head.cosine(self._student_input.features)
             loss = F.cross_entropy(head.eta.detach() * scores, y)
             if self.margin_ranking:
