@@ -36,7 +36,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, use_cosine_head
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, train_phase
+from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
 
 
 # -- loss terms ----------------------------------------------------------------------------
@@ -160,8 +160,7 @@ class UCIRPlugin(SupervisedPlugin):
             return
         if self.less_forget:
             # Copied before any hook is registered on the model, so that none is copied.
-            self.teacher = copy.deepcopy(model).eval()
-            self.teacher.requires_grad_(False)
+            self.teacher = frozen_copy(model)
             self._teacher_input = _HeadInput(find_cosine_head(self.teacher))
         head.weight_old.requires_grad_(not self.freeze_old)
         if self.imprint:
