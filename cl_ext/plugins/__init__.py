@@ -2,6 +2,7 @@
 
 from cl_ext.memory import ExemplarMemoryPlugin
 from cl_ext.plugins.eeil import EEILPlugin
+from cl_ext.plugins.slnid import SLNIDPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
-__all__ = ["EEILPlugin", "ExemplarMemoryPlugin", "UCIRPlugin"]
+__all__ = ["EEILPlugin", "ExemplarMemoryPlugin", "SLNIDPlugin", "UCIRPlugin"]
