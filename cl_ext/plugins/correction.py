@@ -1,9 +1,9 @@
-"""Shared pieces of the score-correction plugins (BiC, IL2M): output transforms, class groups.
+"""Shared pieces of the score-correcting plugins (BiC, IL2M): output transforms, class groups.
 
 An output transform is a module attached to a model that rewrites the model's outputs on
-every forward. Bias-correction methods (BiC, Wu et al. CVPR 2019; IL2M, Belouadah & Popescu ICCV 2019)
-change what the classifier outputs at inference. Putting that change on the model itself --
-a submodule plus a forward hook that applies it -- means every consumer of ``model(x)`` scores
+every forward. BiC (Wu et al., CVPR 2019) and IL2M (Belouadah & Popescu, ICCV 2019) change
+what the classifier outputs at inference. Putting that change on the model itself -- a
+submodule plus a forward hook that applies it -- means every consumer of ``model(x)`` scores
 the corrected outputs: Avalanche's evaluation loop and every metric reading ``mb_output``, a
 report computing a confusion matrix, a teacher made with ``copy.deepcopy`` (the copy carries
 its own transform). Correcting ``strategy.mb_output`` in a plugin hook instead would depend on

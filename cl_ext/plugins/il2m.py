@@ -134,6 +134,9 @@ class IL2MPlugin(SupervisedPlugin):
             return
         old_scores, old_targets = self._scores(strategy, self.memory.dataset(range(start)))
         current_mean = mean_true_class_score(old_scores, old_targets, start)
+        if current_mean.isnan().any():
+            missing = torch.nonzero(current_mean.isnan()).flatten().tolist()
+            raise RuntimeError(f"IL2M found no exemplars of old classes {missing[:5]} in the memory")
         scale = il2m_scale(
             self.init_mean[:start], current_mean, self.confidence[step],
             torch.tensor(self.confidence)[self.class_step[:start]],
