@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,7 @@ app = typer.Typer(
         "  cl-ext run recipes/quickstart.yaml\n\n"
         "  cl-ext run recipes/ucir.yaml --set strategy.epochs=5 --set benchmark.options.root=../shared/data\n\n"
         "  cl-ext validate recipes/icarl.yaml\n\n"
+        "  cl-ext report runs/quickstart-* --out comparison.html\n\n"
         "  cl-ext list"
     ),
     no_args_is_help=True,
@@ -68,10 +70,12 @@ def run(
 
     The run directory (output.dir/NAME-TIMESTAMP) holds the resolved recipe.yaml,
     environment.json, metrics.json (accuracy matrix, average incremental accuracy, ...),
-    steps.csv and checkpoint.pt, rewritten after every experience.
+    steps.csv and checkpoint.pt, rewritten after every experience, and at the end
+    report.html and report.md (switch off with --set output.report=false).
 
     Example: cl-ext run recipes/quickstart.yaml --set seed=1
     """
+    from cl_ext.report import finish_run
     from cl_ext.runner import build_experiment, new_run_dir, run_experiment
 
     if threads:
@@ -83,7 +87,8 @@ def run(
         with console.status("building benchmark, model and strategy..."):
             experiment = build_experiment(parsed)
     except CLExtError as err:
-        _fail(str(err))
+        message = str(err)
+        _fail(message if message.startswith(str(recipe)) else f"{recipe}: {message}")
     except (ValueError, TypeError, RuntimeError, OSError) as err:
         _fail(f"{recipe}: could not build the experiment: {err}")
     info = experiment.ctx.info
@@ -123,12 +128,14 @@ def run(
             metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress)
         except KeyboardInterrupt:
             _fail(f"interrupted; the finished experiences are saved in {run_dir}")
+    reports = finish_run(experiment, run_dir)
     console.print(table)
     console.print(
         f"average incremental accuracy {_fmt(metrics['average_incremental_accuracy'])}% "
         f"(excluding the first step {_fmt(metrics['average_incremental_accuracy_excl_first'])}%), "
         f"final accuracy {_fmt(metrics['final_accuracy'])}%, forgetting {_fmt(metrics['forgetting'])} points\n"
         f"results: {run_dir / 'metrics.json'}"
+        + "".join(f"\nreport: {path}" for path in reports)
     )
 
 
@@ -150,6 +157,93 @@ def validate(
         _fail(str(err))
     console.print(f"# {recipe}: valid", style="green")
     console.print(yaml.safe_dump(recipe_to_dict(parsed), sort_keys=False), highlight=False, markup=False)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.json).")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help=(
+            "Report file: .html, or .md for Markdown only "
+            "(default: RUN_DIR/report.html for one run, ./report.html for several)."
+        )),
+    ] = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Also write Markdown beside the HTML, figures in <name>_files/.")
+    ] = False,
+    title: Annotated[Optional[str], typer.Option(help="Report title (default: from the runs).")] = None,
+) -> None:
+    """Write a report of one run, or compare several runs side by side.
+
+    The HTML file is self-contained (figures embedded, no network needed): per run the
+    recipe, environment, headline numbers, accuracy per step, accuracy-matrix heatmap,
+    old/new accuracy and the plugins' learned corrections; for several runs first a
+    comparison table and the accuracy curves overlaid.
+
+    Example: cl-ext report runs/quickstart-* runs/finetune-* --out comparison.html --markdown
+    """
+    from cl_ext.report import report_for_dirs, write_report
+
+    target = out or (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
+    try:
+        written = write_report(report_for_dirs(run_dirs, title), target, markdown=markdown)
+    except CLExtError as err:
+        _fail(str(err))
+    for path in written:
+        console.print(f"report: {path}", highlight=False)
+
+
+@app.command()
+def sync(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories whose W&B runs to upload.")],
+    project: Annotated[Optional[str], typer.Option(help="Upload into this W&B project instead.")] = None,
+    entity: Annotated[Optional[str], typer.Option(help="Upload into this W&B entity (user or team).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; upload nothing.")] = False,
+    wandb_report: Annotated[bool, typer.Option(
+        "--report", help="Then publish a W&B Report of these runs (with --dry-run: print its blocks as JSON)."
+    )] = False,
+) -> None:
+    """Upload the offline W&B runs of run directories (runs `wandb sync` on RUN_DIR/wandb/).
+
+    Needs a reachable W&B server and `wandb login` (WANDB_BASE_URL for a self-hosted one).
+    With --report, a W&B Report with the same sections as `cl-ext report` is published
+    afterwards (needs `pip install 'wandb[workspaces]'`); it is skipped with a message when
+    that is not possible.
+
+    Example: cl-ext sync runs/quickstart-20250101-120000 --report
+    """
+    import json
+    import subprocess
+    import sys
+
+    from cl_ext.report import ReportError, publish_wandb_report, report_for_dirs, wandb_report_spec, wandb_run_folders
+
+    folders = [folder for run_dir in run_dirs for folder in wandb_run_folders(run_dir)]
+    if not folders:
+        _fail("no W&B run in " + ", ".join(str(d / "wandb") for d in run_dirs)
+              + "; add `evaluation: {loggers: [{name: wandb}]}` to the recipe to log one")
+    command = [sys.executable, "-m", "wandb", "sync"]
+    command += (["--project", project] if project else []) + (["--entity", entity] if entity else [])
+    command += (["--dry-run"] if dry_run else []) + [str(f) for f in folders]
+    err_console.print("$ wandb " + " ".join(command[3:]), highlight=False, markup=False)
+    result = subprocess.run(command, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        _fail(f"wandb sync failed (exit {result.returncode}): is a W&B server reachable and are you logged in "
+              "(wandb login)? The offline runs stay where they are; run this again later.")
+    if not wandb_report:
+        return
+    try:
+        spec = wandb_report_spec(report_for_dirs(run_dirs), project, entity)
+    except CLExtError as err:
+        _fail(str(err))
+    if dry_run:
+        print(json.dumps(spec, indent=2))
+        return
+    try:
+        console.print(f"W&B Report: {publish_wandb_report(spec)}", highlight=False)
+    except ReportError as err:
+        err_console.print(f"W&B Report skipped: {err}", highlight=False, markup=False)
 
 
 @app.command("list")
@@ -178,6 +272,11 @@ def list_components() -> None:
 
 def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
+    if not os.environ.get("CL_EXT_WARNINGS"):
+        # Avalanche and its optional solvers warn about their own deprecations on every run;
+        # CL_EXT_WARNINGS=1 shows them.
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
     app()
 
 

@@ -127,9 +127,11 @@ def build_icarl(ctx: BuildContext) -> ICaRL:
         raise RecipeError("strategy 'icarl' needs a cl-ext model (with backbone and classifier)")
     kwargs = common_kwargs(ctx)
     kwargs.pop("eval_every")
+    # Avalanche's iCaRL loss copies the old model's state into a deep copy of the current one,
+    # so the head must not grow: a linear layer over all classes, as in the paper's sigmoid setup.
     return ICaRL(
         feature_extractor=model.backbone,
-        classifier=model.classifier,
+        classifier=torch.nn.Linear(model.feature_dim, ctx.info.n_classes),
         memory_size=memory.size,
         buffer_transform=None,
         fixed_memory=True,

@@ -9,6 +9,7 @@ explicitly and restored afterwards (Avalanche sets ``model.train()`` only once p
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -45,12 +46,15 @@ def train_phase(
     generator: torch.Generator | None = None,
     description: str = "extra phase",
     progress: bool = False,
+    before_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """Train ``params`` on ``dataset`` for ``schedule.epochs`` epochs; returns the mean loss per epoch.
 
     ``loss_fn(x, y)`` computes the loss of a minibatch (moved to ``device``); it usually
     closes over the model. ``mode="eval"`` keeps batch-norm statistics and dropout frozen,
     as BiC's stage 2 needs. Only ``params`` are updated; they must require gradients.
+    ``before_step()``, if given, runs after each backward pass and before the optimizer step
+    (to edit gradients, e.g. EEIL's gradient noise).
     """
     params = [p for p in params]
     if not params:
@@ -72,6 +76,8 @@ def train_phase(
                 loss = loss_fn(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if before_step is not None:
+                    before_step()
                 optimizer.step()
                 total += float(loss.detach()) * len(y)
                 count += len(y)
@@ -81,3 +87,10 @@ def train_phase(
         for module, flag in was_training.items():
             module.train(flag)
     return epoch_losses
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A teacher: a deep copy in eval mode whose parameters take no gradient."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher

@@ -5,8 +5,8 @@ recorded ``class_order``), so heads grow by appending units and "old classes" ar
 the first units.
 """
 
-from cl_ext.benchmarks import vision
+from cl_ext.benchmarks import permuted, vision
 from cl_ext.benchmarks.common import ArrayDataset, class_incremental, resolve_class_order
 from cl_ext.errors import DataNotFoundError
 
-__all__ = ["ArrayDataset", "DataNotFoundError", "class_incremental", "resolve_class_order", "vision"]
+__all__ = ["ArrayDataset", "DataNotFoundError", "class_incremental", "permuted", "resolve_class_order", "vision"]

@@ -154,9 +154,9 @@ def _torchvision_arrays(dataset_cls, root: Path, download: bool, what: str, npz_
         test = dataset_cls(str(root), train=False, download=download)
     except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
         raise DataNotFoundError(
-            f"{what} was not found under {root.resolve()} and could not be downloaded "
+            f"{what}: {dataset_cls.__name__} was not found under {root.resolve()} and could not be downloaded "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}). "
-            f"Either put torchvision's {what} files there (as torchvision's {dataset_cls.__name__}(root, "
+            f"Either put torchvision's {dataset_cls.__name__} files there (as torchvision's {dataset_cls.__name__}(root, "
             f"download=True) would on a machine with internet), or put a {npz_name} with x_train, y_train, "
             f"x_test, y_test in that folder, then point the recipe at it with "
             f"--set benchmark.options.root=FOLDER (add benchmark.options.download=true to try downloading)."

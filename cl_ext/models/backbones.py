@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from avalanche.models import IncrementalClassifier
+from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from torch import nn
 
 from cl_ext.context import BuildContext
@@ -30,6 +30,17 @@ class IncrementalNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class MultiHeadNet(IncrementalNet, MultiTaskModule):
+    """An :class:`IncrementalNet` with one head per task label (task-incremental benchmarks).
+
+    Being a ``MultiTaskModule``, it receives the minibatch's task labels from Avalanche's
+    ``avalanche_forward``; the model adaptation adds a head for each new task.
+    """
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
+        return self.classifier(self.features(x), task_labels)
 
 
 def linear_head(feature_dim: int, initial_classes: int) -> IncrementalClassifier:
@@ -134,9 +145,14 @@ def _channels(ctx: BuildContext) -> int:
 
 
 @register("model", "mlp")
-def build_mlp(ctx: BuildContext, hidden: list[int] = [256, 256], dropout: float = 0.0) -> IncrementalNet:
-    """Multi-layer perceptron on flattened inputs (any benchmark)."""
+def build_mlp(
+    ctx: BuildContext, hidden: list[int] = [256, 256], dropout: float = 0.0, multihead: bool = False
+) -> IncrementalNet:
+    """Multi-layer perceptron on flattened inputs (any benchmark); multihead: a head per task label."""
     backbone = MLP(math.prod(ctx.info.input_shape), list(hidden), dropout)
+    if multihead:
+        head = MultiHeadClassifier(backbone.out_features, initial_out_features=ctx.info.initial_classes)
+        return MultiHeadNet(backbone, backbone.out_features, head)
     return IncrementalNet(backbone, backbone.out_features, linear_head(backbone.out_features, ctx.info.initial_classes))
 
 

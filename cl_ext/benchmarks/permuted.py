@@ -1,0 +1,91 @@
+"""Permuted MNIST, task-incremental: every task is MNIST with its own fixed pixel permutation.
+
+As in Aljundi et al. (ICLR 2019, Sec. 5.1) and their code: the first task is plain MNIST,
+pixels are scaled to [0, 1] without further normalisation, and every experience carries
+its task label (0..T-1) so a multi-head model (``mlp`` with ``multihead: true``) answers
+with the task's own head. All tasks use the labels 0..9.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.benchmarks import dataset_benchmark
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from cl_ext.benchmarks.common import cap_per_class
+from cl_ext.benchmarks.vision import _torchvision_arrays
+from cl_ext.context import BenchmarkBundle, BenchmarkInfo, BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.registry import register
+
+
+class PermutedImages(Dataset):
+    """uint8 images (N, H, W) served as float (1, H, W) in [0, 1] with their pixels permuted,
+    labelled with task ``task``. The permutation is applied per item, so the tasks share one
+    copy of the images."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, permutation: torch.Tensor, task: int):
+        self.images = images
+        self.targets = targets
+        self.targets_task_labels = torch.full_like(targets, task)
+        self.permutation = permutation
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        pixels = image.reshape(-1)[self.permutation].reshape(1, *image.shape)
+        return pixels.float() / 255.0, int(self.targets[index])
+
+
+def task_permutations(n_tasks: int, n_pixels: int, seed: int, permute_first: bool = False) -> list[torch.Tensor]:
+    """One pixel permutation per task, drawn from ``seed``; the first is the identity unless ``permute_first``."""
+    rng = np.random.RandomState(seed)
+    perms = [torch.from_numpy(rng.permutation(n_pixels)) for _ in range(n_tasks)]
+    if not permute_first:
+        perms[0] = torch.arange(n_pixels)
+    return perms
+
+
+@register("benchmark", "permuted_mnist")
+def build_permuted_mnist(
+    ctx: BuildContext,
+    root: str = "data",
+    download: bool = False,
+    n_experiences: int = 5,
+    permutation_seed: int | None = None,
+    permute_first: bool = False,
+    train_per_class: int | None = None,
+) -> BenchmarkBundle:
+    """Task-incremental permuted MNIST (task labels 0..T-1, 10 classes per task); reads ROOT/mnist.npz if present."""
+    if n_experiences < 1:
+        raise RecipeError(f"benchmark.options.n_experiences: must be at least 1, got {n_experiences}")
+    data = _torchvision_arrays(datasets.MNIST, Path(root).expanduser(), download, "MNIST", "mnist.npz")
+    x_train, x_test = torch.from_numpy(data["x_train"]), torch.from_numpy(data["x_test"])
+    y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
+    y_test = torch.as_tensor(data["y_test"], dtype=torch.long)
+    keep = cap_per_class(y_train, train_per_class, ctx.recipe.seed)
+    x_train, y_train = x_train[keep], y_train[keep]
+    seed = ctx.recipe.seed if permutation_seed is None else permutation_seed
+    perms = task_permutations(n_experiences, x_train[0].numel(), seed, permute_first)
+    benchmark = dataset_benchmark(
+        [PermutedImages(x_train, y_train, p, t) for t, p in enumerate(perms)],
+        [PermutedImages(x_test, y_test, p, t) for t, p in enumerate(perms)],
+    )
+    n_classes = int(y_train.max()) + 1
+    info = BenchmarkInfo(
+        name="permuted_mnist",
+        input_shape=(1, *x_train.shape[1:]),
+        n_classes=n_classes,
+        class_order=list(range(n_classes)),
+        # Each task brings its own head of n_classes units, all tasks sharing the labels.
+        classes_per_exp=[n_classes] * n_experiences,
+        class_names=[str(c) for c in range(n_classes)],
+        task_incremental=True,
+    )
+    return BenchmarkBundle(benchmark, info)

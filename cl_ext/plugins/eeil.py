@@ -1,0 +1,352 @@
+"""EEIL: End-to-End Incremental Learning (Castro et al., ECCV 2018).
+
+Each incremental step has two phases (the paper's "incremental learning" section):
+
+1. **Training** on the new data plus the exemplars with the *cross-distilled loss*:
+   cross-entropy over all classes plus, for every old step ``f``, a distillation term ``-mean_i sum_j p_ij log q_ij`` with ``p = softmax(teacher_f / T)`` and
+   ``q = softmax(student_f / T)`` restricted to the logits of the classes learned in step
+   ``f``; ``T = 2``. The teacher is a frozen copy of the model at the end of the previous step.
+   Every old step gets its term, the most recent one included (FACIL's port skips it).
+2. **Balanced fine-tuning**: the new classes are subsampled to the per-class
+   exemplar count of the old classes (with the memory's selection, herding by default), so
+   that every class has the same number of samples, and the model is trained again with a
+   smaller learning rate. A temporary distillation term on the new classes' logits, with the
+   model from before fine-tuning as teacher, keeps what was just learned; as in the authors'
+   code (``incremental_training.m``) this same teacher also supplies the old steps' targets
+   during this phase. The temporary term is dropped afterwards.
+
+Options from the paper's implementation details: the on-the-fly counterpart of its data
+augmentation (brightness, contrast, random crop, mirror) and gradient noise (Neelakantan et
+al. 2015, variance ``eta / (1 + t) ** gamma``, eta = 0.3, gamma = 0.55).
+
+The exemplar memory itself (herding, fixed budget) is :class:`cl_ext.memory.ExemplarMemory`,
+driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before this plugin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.memory import ExemplarMemory
+from cl_ext.registry import register
+from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
+
+# -- losses ----------------------------------------------------------------------------
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Distillation term of one step: ``-mean_i sum_j p_ij log q_ij`` at temperature T.
+
+    No ``T**2`` factor: the paper's loss (and the authors' ``vl_nnsoftmaxdiff``) has none.
+    """
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean()
+
+
+def distillation_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    step_classes: Sequence[torch.Tensor],
+    temperature: float,
+) -> list[torch.Tensor]:
+    """One distillation term per step in ``step_classes`` (each a tensor of output units)."""
+    return [
+        soft_cross_entropy(student_logits[:, units], teacher_logits[:, units], temperature)
+        for units in step_classes
+    ]
+
+
+def cross_distilled_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    step_classes: Sequence[torch.Tensor],
+    temperature: float,
+) -> torch.Tensor:
+    """The cross-distilled loss: cross-entropy over all classes plus the distillation terms of ``step_classes``."""
+    terms = distillation_terms(student_logits, teacher_logits, step_classes, temperature)
+    return F.cross_entropy(student_logits, targets) + sum(terms, torch.zeros((), device=student_logits.device))
+
+
+# -- augmentation and gradient noise ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EEILAugment:
+    """The paper's augmentation, drawn per sample on the fly.
+
+    The authors expand the training set offline twelvefold: {original, brightness,
+    contrast} x {as is, random crop} x {as is, mirrored}. Drawing one of those twelve
+    variants uniformly for every sample at every iteration samples the same distribution
+    without storing it. Brightness adds U(-63, 63) grey levels, contrast scales each channel
+    around its mean by U(0.2, 1.8), both clipped to the pixel range; the crop is a random
+    offset of a zero-padded (black) image. Inputs arrive normalised; ``mean``/``std`` are
+    the benchmark's normalisation, so the operations act on pixels in [0, 1].
+    ``geometric=False`` keeps only the photometric part, for benchmarks whose own train
+    transform already crops and mirrors (e.g. ``split_cifar100``).
+    """
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    geometric: bool = True
+    max_brightness: float = 63 / 255
+    contrast: tuple[float, float] = (0.2, 1.8)
+    padding: int = 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"EEIL augmentation needs image batches (N, C, H, W), got shape {tuple(x.shape)}")
+        n, device = x.shape[0], x.device
+        mean = torch.tensor(self.mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+        pixels = x * std + mean
+        kind = torch.randint(0, 3, (n,), device=device).view(-1, 1, 1, 1)
+        delta = (torch.rand(n, 1, 1, 1, device=device) * 2 - 1) * self.max_brightness
+        low, high = self.contrast
+        factor = low + torch.rand(n, 1, 1, 1, device=device) * (high - low)
+        pixels = torch.where(kind == 1, adjust_brightness(pixels, delta), pixels)
+        pixels = torch.where(kind == 2, adjust_contrast(pixels, factor), pixels)
+        if self.geometric:
+            pixels = self._crop_and_mirror(pixels)
+        return (pixels - mean) / std
+
+    def _crop_and_mirror(self, pixels: torch.Tensor) -> torch.Tensor:
+        n, device = pixels.shape[0], pixels.device
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), device=device)
+        offsets[torch.rand(n, device=device) < 0.5] = self.padding  # half the samples uncropped
+        pixels = shifted_crop(pixels, offsets, self.padding)
+        mirror = (torch.rand(n, device=device) < 0.5).view(-1, 1, 1, 1)
+        return torch.where(mirror, pixels.flip(-1), pixels)
+
+
+def adjust_brightness(pixels: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return (pixels + delta).clamp(0, 1)
+
+
+def adjust_contrast(pixels: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    channel_mean = pixels.mean(dim=(2, 3), keepdim=True)
+    return ((pixels - channel_mean) * factor + channel_mean).clamp(0, 1)
+
+
+def shifted_crop(pixels: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.Tensor:
+    """Crop each zero-padded image at its (row, column) offset; offset ``padding`` is the identity."""
+    n, _, h, w = pixels.shape
+    padded = F.pad(pixels, (padding,) * 4)
+    rows = (offsets[:, 0:1] + torch.arange(h, device=pixels.device)).view(n, h, 1)
+    cols = (offsets[:, 1:2] + torch.arange(w, device=pixels.device)).view(n, 1, w)
+    batch = torch.arange(n, device=pixels.device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class GradientNoise:
+    """Gaussian gradient noise of variance ``eta / (1 + t) ** gamma`` at optimizer step t."""
+
+    eta: float = 0.3
+    gamma: float = 0.55
+
+    def std(self, step: int) -> float:
+        return math.sqrt(self.eta / (1 + step) ** self.gamma)
+
+    def add(self, params: Sequence[nn.Parameter], step: int) -> None:
+        std = self.std(step)
+        for p in params:
+            if p.grad is not None:
+                p.grad.add_(torch.randn_like(p.grad), alpha=std)
+
+
+# -- the plugin ---------------------------------------------------------------------------
+
+
+def balanced_dataset(old_exemplars, memory: ExemplarMemory, per_class: int, model: nn.Module, new_data, device):
+    """The old exemplars plus ``per_class`` samples of each new class, picked like the memory picks.
+
+    A throwaway :class:`ExemplarMemory` with the same selection does the subsampling, so the
+    new classes' samples are the ones herding ranks first.
+    """
+    picker = ExemplarMemory(
+        per_class=per_class, selection=memory.selection, feature_fn=memory.feature_fn, batch_size=memory.batch_size
+    )
+    picker.update(model, new_data, device)
+    return old_exemplars.concat(picker.dataset())
+
+
+# The paper's CIFAR-100 schedule: 30 epochs from lr 0.01, divided by 10 every 10 epochs; the authors'
+# code uses momentum 0.9 and weight decay 1e-4 throughout.
+PAPER_FINETUNE = PhaseSchedule(epochs=30, lr=0.01, momentum=0.9, weight_decay=1e-4, milestones=[10, 20])
+
+
+class EEILPlugin(SupervisedPlugin):
+    """Cross-distilled loss, balanced fine-tuning, optional augmentation and gradient noise.
+
+    Attach after an :class:`~cl_ext.memory.ExemplarMemoryPlugin` on the same ``memory``,
+    with cross-entropy as the strategy's criterion. ``finetune`` is the balanced
+    fine-tuning schedule (``None``: no fine-tuning), run with minibatches of ``batch_size``;
+    ``augment`` maps a training minibatch to its augmented copy.
+    """
+
+    def __init__(
+        self,
+        memory: ExemplarMemory,
+        temperature: float = 2.0,
+        finetune: PhaseSchedule | None = PAPER_FINETUNE,
+        batch_size: int = 128,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gradient_noise: GradientNoise | None = None,
+    ):
+        super().__init__()
+        self.memory = memory
+        self.temperature = temperature
+        self.finetune = finetune
+        self.batch_size = batch_size
+        self.augment = augment
+        self.gradient_noise = gradient_noise
+        self.step_classes: list[list[int]] = []  # output units learned in each finished step
+        self.teacher: nn.Module | None = None
+        self._current: list[int] = []
+        self._old_exemplars = None
+        self._old_per_class = 0
+        self._noise_step = 0
+        self._finetune_log: list[dict[str, Any]] = []
+
+    def _units(self, steps: list[list[int]], device) -> list[torch.Tensor]:
+        return [torch.tensor(units, dtype=torch.long, device=device) for units in steps]
+
+    # -- phase 1: training with the cross-distilled loss ------------------------------
+    def before_training_exp(self, strategy, **kwargs):
+        self._current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
+        self._noise_step = 0
+        self.teacher = None
+        if self.step_classes:
+            if not self.memory.classes:
+                raise RuntimeError(
+                    "EEIL found no exemplars of the old classes: put an ExemplarMemoryPlugin on the same "
+                    "memory before the EEIL plugin (the runner does this when strategy.memory is set)"
+                )
+            # The head has grown already; its new units are never read from the teacher.
+            self.teacher = frozen_copy(strategy.model)
+            # Snapshot before the memory shrinks to the new quota: the balanced set keeps the
+            # old classes at the count they had during training, as the authors' code does.
+            self._old_exemplars = self.memory.dataset()
+            self._old_per_class = self.memory.quota(len(self.memory.classes))
+
+    def before_forward(self, strategy, **kwargs):
+        if self.augment is not None:
+            strategy.mbatch[0] = self.augment(strategy.mbatch[0])
+
+    def before_backward(self, strategy, **kwargs):
+        if self.teacher is None:
+            return
+        with torch.no_grad():
+            teacher_logits = self.teacher(strategy.mb_x)
+        terms = distillation_terms(
+            strategy.mb_output, teacher_logits, self._units(self.step_classes, strategy.device), self.temperature
+        )
+        strategy.loss = strategy.loss + sum(terms)
+
+    def before_update(self, strategy, **kwargs):
+        self._add_noise(strategy.model)
+
+    def _add_noise(self, model: nn.Module) -> None:
+        if self.gradient_noise is not None:
+            self.gradient_noise.add(list(model.parameters()), self._noise_step)
+            self._noise_step += 1
+
+    # -- phase 2: balanced fine-tuning ---------------------------------------------------
+    def after_training_exp(self, strategy, **kwargs):
+        if self.teacher is not None and self.finetune is not None:
+            self._balanced_finetuning(strategy)
+        self.step_classes.append(self._current)
+        self.teacher = None
+        self._old_exemplars = None
+
+    def _balanced_finetuning(self, strategy) -> None:
+        model, device = strategy.model, strategy.device
+        data = balanced_dataset(
+            self._old_exemplars, self.memory, self._old_per_class, model, strategy.experience.dataset, device
+        )
+        teacher = frozen_copy(model)
+        # The temporary term: the new step's units join the distilled ones for this phase only.
+        units = self._units(self.step_classes + [self._current], device)
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if self.augment is not None:
+                x = self.augment(x)
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            return cross_distilled_loss(model(x), y, teacher_logits, units, self.temperature)
+
+        losses = train_phase(
+            model, data, model.parameters(), loss_fn, self.finetune,
+            batch_size=self.batch_size, device=device, description="EEIL balanced fine-tuning",
+            before_step=lambda: self._add_noise(model),
+        )
+        counts = torch.as_tensor(list(data.targets)).bincount()
+        self._finetune_log.append({
+            "step": len(self.step_classes),
+            "per_class": self._old_per_class,
+            "class_counts": {str(c): int(counts[c]) for c in torch.nonzero(counts).flatten().tolist()},
+            "loss_first_epoch": losses[0] if losses else None,
+            "loss_last_epoch": losses[-1] if losses else None,
+        })
+
+    # -- persistence and reporting ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # The teacher is not saved: it is the model as restored, copied at the next step.
+        return {"step_classes": [list(s) for s in self.step_classes], "finetuning": self._finetune_log}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_classes = [list(s) for s in state["step_classes"]]
+        self._finetune_log = list(state.get("finetuning", []))
+
+    def summary(self) -> dict[str, Any]:
+        return {"step_classes": self.step_classes, "balanced_finetuning": self._finetune_log}
+
+
+@register("plugin", "eeil")
+def build_eeil(
+    ctx: BuildContext,
+    temperature: float = 2.0,
+    balanced_finetuning: bool = True,
+    finetune_epochs: int = 30,
+    finetune_lr_factor: float = 0.1,
+    finetune_milestones: list[int] = [10, 20],
+    augment: Literal["none", "full", "photometric"] = "none",
+    augment_mean: list[float] = [0.0],
+    augment_std: list[float] = [1.0],
+    gradient_noise: bool = False,
+    noise_eta: float = 0.3,
+    noise_gamma: float = 0.55,
+) -> EEILPlugin:
+    """EEIL (Castro et al. 2018): cross-distilled loss and balanced fine-tuning; needs strategy.memory."""
+    if ctx.memory is None:
+        raise RecipeError("plugin 'eeil' needs an exemplar memory: set strategy.memory (the paper uses {size: 2000})")
+    s = ctx.recipe.strategy
+    finetune = None
+    if balanced_finetuning:
+        finetune = PhaseSchedule(
+            epochs=finetune_epochs,
+            lr=s.optimizer.lr * finetune_lr_factor,
+            momentum=s.optimizer.momentum,
+            weight_decay=s.optimizer.weight_decay,
+            milestones=list(finetune_milestones),
+        )
+    return EEILPlugin(
+        ctx.memory,
+        temperature=temperature,
+        finetune=finetune,
+        batch_size=s.batch_size,
+        augment=None if augment == "none" else EEILAugment(
+            tuple(augment_mean), tuple(augment_std), geometric=augment == "full"
+        ),
+        gradient_noise=GradientNoise(noise_eta, noise_gamma) if gradient_noise else None,
+    )

@@ -1,0 +1,51 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_ext.config import validate_recipe
+from cl_ext.context import BuildContext
+from cl_ext import registry
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_RECIPE = {
+    "seed": 0,
+    "device": "cpu",
+    "benchmark": {"name": "digits", "options": {"classes_per_exp": 2}},
+    "model": {"name": "mlp", "options": {"hidden": [32]}},
+    "strategy": {
+        "name": "replay",
+        "epochs": 4,
+        "batch_size": 64,
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "memory": {"size": 40, "selection": "herding"},
+    },
+    "output": {"name": "tiny", "checkpoint": True, "report": False},
+}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_recipe_data():
+    return copy.deepcopy(TINY_RECIPE)
+
+
+@pytest.fixture
+def digits_ctx(tiny_recipe_data):
+    recipe = validate_recipe(tiny_recipe_data)
+    ctx = BuildContext(recipe=recipe, device=torch.device("cpu"))
+    ctx.benchmark = registry.build("benchmark", "digits", ctx, recipe.benchmark.options)
+    return ctx
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return path

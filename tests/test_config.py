@@ -1,0 +1,88 @@
+import pytest
+import yaml
+
+from cl_ext.config import apply_overrides, load_recipe, validate_recipe
+from cl_ext.errors import RecipeError
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_are_filled_and_name_comes_from_file(tmp_path, tiny_recipe_data):
+    del tiny_recipe_data["output"]
+    recipe = load_recipe(write(tmp_path, tiny_recipe_data, "my_run.yaml"))
+    assert recipe.output.name == "my_run"
+    assert recipe.strategy.eval_batch_size == 256
+    assert recipe.evaluation.metrics == ["incremental_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["strategy"].update(epoch=3), "strategy.epoch: Extra inputs are not permitted"),
+        (lambda d: d["strategy"].update(epochs="three"), "strategy.epochs: Input should be a valid integer"),
+        (lambda d: d.update(plugins=[{"name": "ucirr"}]), "plugins[0].name: unknown plugin 'ucirr'"),
+        (lambda d: d["model"]["options"].update(hiden=[3]), "model.options.hiden: Extra inputs"),
+        (lambda d: d["benchmark"].update(name="cifar"), "benchmark.name: unknown benchmark 'cifar'"),
+        (lambda d: d["strategy"]["memory"].update(per_class=5), "give exactly one of memory.size"),
+        (lambda d: d["strategy"]["optimizer"].update(lr=-1), "strategy.optimizer.lr: Input should be greater than 0"),
+        (lambda d: d.update(evaluation={"metrics": ["acc"]}), "evaluation.metrics[0].name: unknown metric 'acc'"),
+    ],
+)
+def test_invalid_recipes_name_file_and_key(tmp_path, tiny_recipe_data, mutate, expected):
+    mutate(tiny_recipe_data)
+    path = write(tmp_path, tiny_recipe_data)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "benchmark: {name: digits\nmodel: ["))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_overrides_parse_yaml_values_and_revalidate(tmp_path, tiny_recipe_data):
+    path = write(tmp_path, tiny_recipe_data)
+    recipe = load_recipe(
+        path,
+        [
+            "strategy.epochs=5",
+            "model.options.hidden=[16, 8]",
+            "strategy.lr_schedule={name: multistep, milestones: [2, 4]}",
+            "benchmark.options.class_order=fixed",
+        ],
+    )
+    assert recipe.strategy.epochs == 5
+    assert recipe.model.options["hidden"] == [16, 8]
+    assert recipe.strategy.lr_schedule.milestones == [2, 4]
+    with pytest.raises(RecipeError, match="strategy.epochs"):
+        load_recipe(path, ["strategy.epochs=zero"])
+
+
+def test_override_into_lists_and_null_sections():
+    data = {"plugins": [{"name": "a", "options": {}}], "strategy": {"memory": None}}
+    apply_overrides(data, ["plugins.0.options.margin=0.3", "strategy.memory.size=200"])
+    assert data["plugins"][0]["options"]["margin"] == 0.3
+    assert data["strategy"]["memory"] == {"size": 200}
+    with pytest.raises(RecipeError, match="not an index"):
+        apply_overrides(data, ["plugins.3.name=x"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        apply_overrides(data, ["strategy.epochs"])
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        validate_recipe(yaml.safe_load(path.read_text()), str(path))

@@ -1,0 +1,256 @@
+"""EEIL (Castro et al. 2018): loss values by hand, the distillation terms per phase, the
+balanced set, the teachers, augmentation and gradient noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cl_ext.plugins.eeil as eeil
+from cl_ext import registry
+from cl_ext.config import validate_recipe
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.memory import ExemplarMemory
+from cl_ext.plugins.eeil import (
+    EEILAugment,
+    EEILPlugin,
+    GradientNoise,
+    adjust_brightness,
+    adjust_contrast,
+    cross_distilled_loss,
+    shifted_crop,
+    soft_cross_entropy,
+)
+from cl_ext.runner import build_experiment
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+# -- losses -------------------------------------------------------------------------------
+def test_soft_cross_entropy_by_hand():
+    # softmax([2 ln 3, 0] / 2) = [3/4, 1/4]
+    teacher = torch.tensor([[2 * LN3, 0.0]])
+    uniform = soft_cross_entropy(torch.zeros(1, 2), teacher, temperature=2.0)
+    assert uniform.item() == pytest.approx(LN2)  # -(3/4 + 1/4) ln 1/2
+    matched = soft_cross_entropy(teacher.clone(), teacher, temperature=2.0)
+    assert matched.item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_cross_distilled_loss_has_one_term_per_step():
+    student = torch.zeros(1, 4)
+    teacher = torch.tensor([[2 * LN3, 0.0, 5.0, 5.0]])  # step 0: [3/4, 1/4]; step 1: [1/2, 1/2]
+    steps = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    target = torch.tensor([0])
+    # ln 4 (cross-entropy over 4 uniform logits) + ln 2 + ln 2
+    assert cross_distilled_loss(student, target, teacher, steps, 2.0).item() == pytest.approx(4 * LN2)
+    assert cross_distilled_loss(student, target, teacher, steps[:1], 2.0).item() == pytest.approx(3 * LN2)
+    assert cross_distilled_loss(student, target, teacher, [], 2.0).item() == pytest.approx(2 * LN2)
+
+
+# -- the plugin in a run ----------------------------------------------------------------
+def digits_recipe(**eeil_options):
+    return validate_recipe({
+        "seed": 0,
+        "device": "cpu",
+        "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "fixed"}},
+        "model": {"name": "mlp", "options": {"hidden": [32]}},
+        "strategy": {
+            "name": "replay", "epochs": 1, "batch_size": 64,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+            "memory": {"size": 60, "selection": "herding"},
+        },
+        "plugins": [{"name": "eeil", "options": {"finetune_epochs": 2, "finetune_milestones": [1], **eeil_options}}],
+    })
+
+
+def batches(experience, memory, batch_size=64):
+    """Minibatches in one epoch over the new data plus the exemplars."""
+    return math.ceil((len(experience.dataset) + len(memory)) / batch_size)
+
+
+def test_distillation_terms_per_phase_balanced_set_and_teachers(monkeypatch):
+    exp = build_experiment(digits_recipe())
+    plugin, model = exp.named_plugins["eeil"], exp.ctx.model
+    teachers, snapshots, calls, phase = [], [], [], {"finetuning": False}
+
+    def recording_frozen_copy(module):
+        teacher = eeil_frozen_copy(module)
+        teachers.append(teacher)
+        snapshots.append({k: v.clone() for k, v in teacher.state_dict().items()})
+        return teacher
+
+    def recording_terms(student, teacher_logits, step_classes, temperature):
+        # Every teacher made so far stays in eval mode and frozen while the student trains.
+        assert model.training
+        assert all(not m.training for t in teachers for m in t.modules())
+        assert all(not p.requires_grad for t in teachers for p in t.parameters())
+        calls.append(([u.tolist() for u in step_classes], phase["finetuning"]))
+        return eeil_terms(student, teacher_logits, step_classes, temperature)
+
+    def flagged_train_phase(*args, **kwargs):
+        phase["finetuning"] = True
+        try:
+            return eeil_train_phase(*args, **kwargs)
+        finally:
+            phase["finetuning"] = False
+
+    eeil_frozen_copy, eeil_terms, eeil_train_phase = eeil.frozen_copy, eeil.distillation_terms, eeil.train_phase
+    monkeypatch.setattr(eeil, "frozen_copy", recording_frozen_copy)
+    monkeypatch.setattr(eeil, "distillation_terms", recording_terms)
+    monkeypatch.setattr(eeil, "train_phase", flagged_train_phase)
+
+    per_exp = []
+    for experience in exp.ctx.benchmark.benchmark.train_stream[:3]:
+        start, main_batches = len(calls), batches(experience, exp.ctx.memory)
+        exp.strategy.train(experience)
+        per_exp.append((calls[start:], main_batches))
+
+    steps = [[0, 1], [2, 3], [4, 5]]
+    assert per_exp[0][0] == []  # no distillation at the first step
+    for t in (1, 2):
+        exp_calls, main_batches = per_exp[t]
+        main = [groups for groups, finetuning in exp_calls if not finetuning]
+        finetune = [groups for groups, finetuning in exp_calls if finetuning]
+        # One term per old step, the most recent one included, in every training iteration.
+        assert main == [steps[:t]] * main_batches
+        # Balanced fine-tuning adds the temporary term on the new classes, after training.
+        balanced_size = (2 * t + 2) * (60 // (2 * t))
+        assert finetune == [steps[: t + 1]] * (2 * math.ceil(balanced_size / 64))
+        assert exp_calls[: len(main)] == [(g, False) for g in main]
+    # Two teachers per incremental step: the previous model, then the one before fine-tuning.
+    assert len(teachers) == 4
+    for teacher, snapshot in zip(teachers, snapshots):
+        assert all(torch.equal(v, snapshot[k]) for k, v in teacher.state_dict().items())
+    # The balanced set: the old quota (budget / old classes) for every seen class.
+    log = plugin.summary()["balanced_finetuning"]
+    assert [entry["class_counts"] for entry in log] == [
+        {str(c): 30 for c in range(4)},
+        {str(c): 15 for c in range(6)},
+    ]
+    assert plugin.summary()["step_classes"] == steps
+    assert model.training  # the fine-tuning phase put the modes back
+
+
+def test_without_balanced_finetuning_there_is_no_temporary_term(monkeypatch):
+    exp = build_experiment(digits_recipe(balanced_finetuning=False))
+    seen = []
+    original = eeil.distillation_terms
+    monkeypatch.setattr(
+        eeil, "distillation_terms", lambda s, t, steps, T: seen.append(len(steps)) or original(s, t, steps, T)
+    )
+    for experience in exp.ctx.benchmark.benchmark.train_stream[:2]:
+        exp.strategy.train(experience)
+    assert seen and set(seen) == {1}
+    assert exp.named_plugins["eeil"].summary()["balanced_finetuning"] == []
+
+
+def test_noise_steps_run_on_through_finetuning_and_augmented_training_runs():
+    exp = build_experiment(digits_recipe(augment="full", gradient_noise=True))
+    plugin = exp.named_plugins["eeil"]
+    first, second = exp.ctx.benchmark.benchmark.train_stream[:2]
+    exp.strategy.train(first)
+    main_batches = batches(second, exp.ctx.memory)
+    exp.strategy.train(second)
+    # The noise schedule's step counter restarts at each experience and continues into
+    # balanced fine-tuning: 1 epoch of training, then 2 epochs over 4 classes x 30 samples.
+    assert plugin._noise_step == main_batches + 2 * math.ceil(120 / 64)
+
+
+def test_state_dict_round_trip_rebuilds_the_teacher_from_the_model():
+    memory = ExemplarMemory(size=10)
+    plugin = EEILPlugin(memory)
+    plugin.step_classes = [[0, 1], [2, 3]]
+    restored = EEILPlugin(memory)
+    restored.load_state_dict(plugin.state_dict())
+    assert restored.step_classes == [[0, 1], [2, 3]]
+    assert restored.teacher is None
+
+
+def test_incremental_step_without_exemplars_is_an_error():
+    plugin = EEILPlugin(ExemplarMemory(size=10))
+    assert plugin.finetune.epochs == 30 and plugin.finetune.lr == 0.01  # the paper's schedule
+    plugin.step_classes = [[0, 1]]
+
+    class Strategy:
+        class experience:
+            classes_in_this_experience = [2, 3]
+
+    with pytest.raises(RuntimeError, match="ExemplarMemoryPlugin"):
+        plugin.before_training_exp(Strategy)
+
+
+def test_augmentation_is_applied_to_the_minibatch_before_forward():
+    plugin = EEILPlugin(ExemplarMemory(size=10), augment=lambda x: x + 1)
+
+    class Strategy:
+        mbatch = [torch.zeros(2, 1, 4, 4), torch.zeros(2), torch.zeros(2)]
+
+    plugin.before_forward(Strategy)
+    assert torch.equal(Strategy.mbatch[0], torch.ones(2, 1, 4, 4))
+
+
+# -- builder --------------------------------------------------------------------------------
+def test_builder_needs_memory_and_scales_the_finetuning_rate():
+    recipe = digits_recipe()
+    ctx = BuildContext(recipe=recipe, device=torch.device("cpu"))
+    with pytest.raises(RecipeError, match="memory"):
+        registry.build("plugin", "eeil", ctx, {})
+    ctx.memory = ExemplarMemory(size=20)
+    plugin = registry.build("plugin", "eeil", ctx, {"augment": "photometric", "gradient_noise": True})
+    assert plugin.finetune.lr == pytest.approx(0.01) and plugin.finetune.epochs == 30
+    assert plugin.finetune.milestones == [10, 20] and plugin.finetune.momentum == 0.9
+    assert plugin.temperature == 2.0 and plugin.augment.geometric is False
+    assert plugin.gradient_noise == GradientNoise(0.3, 0.55)
+    assert registry.build("plugin", "eeil", ctx, {"balanced_finetuning": False}).finetune is None
+
+
+# -- augmentation and noise -------------------------------------------------------------------
+def test_brightness_and_contrast():
+    x = torch.tensor([[[[0.2, 0.4], [0.6, 0.8]]]])
+    assert torch.allclose(adjust_brightness(x, torch.tensor(0.1)), x + 0.1)
+    assert torch.allclose(adjust_brightness(x, torch.tensor(0.5)), torch.tensor([[[[0.7, 0.9], [1.0, 1.0]]]]))
+    scaled = adjust_contrast(x, torch.tensor(1.5))  # around the mean 0.5
+    assert torch.allclose(scaled, torch.tensor([[[[0.05, 0.35], [0.65, 0.95]]]]))
+    assert torch.allclose(adjust_contrast(x, torch.tensor(1.8)), torch.tensor([[[[0.0, 0.32], [0.68, 1.0]]]]))
+
+
+def test_shifted_crop():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5) + 1
+    offsets = torch.tensor([[2, 2], [0, 4]])
+    out = shifted_crop(x, offsets, padding=2)
+    assert torch.equal(out[0], x[0])  # offset == padding: unchanged
+    # Sample 1 moves 2 px down and 2 px left; the uncovered pixels are black (zero padding).
+    assert torch.equal(out[1, :, 2:, :3], x[1, :, :3, 2:])
+    assert (out[1, :, :2] == 0).all() and (out[1, :, :, 3:] == 0).all()
+
+
+def test_augmentation_draws_the_twelve_variants_and_stays_in_pixel_range():
+    torch.manual_seed(0)
+    mean, std = (0.5,), (0.25,)
+    pixels = torch.rand(3000, 1, 6, 6) * 0.6 + 0.2
+    x = (pixels - 0.5) / 0.25
+    photometric = EEILAugment(mean, std, geometric=False)(x)
+    unchanged = torch.isclose(photometric, x, atol=1e-5).flatten(1).all(1).float().mean().item()
+    assert 0.29 < unchanged < 0.38  # 1 in 3 keeps the original pixels
+    full = EEILAugment(mean, std)(x)
+    assert full.shape == x.shape
+    assert full.min() >= (0 - 0.5) / 0.25 - 1e-5 and full.max() <= (1 - 0.5) / 0.25 + 1e-5
+    untouched = torch.isclose(full, x, atol=1e-5).flatten(1).all(1).float().mean().item()
+    assert 0.06 < untouched < 0.11  # 1 in 12 (+ crops that land on the original position)
+    with pytest.raises(ValueError, match="image batches"):
+        EEILAugment()(torch.zeros(4, 64))
+
+
+def test_gradient_noise_variance():
+    torch.manual_seed(0)
+    noise = GradientNoise(eta=0.3, gamma=0.55)
+    p = torch.nn.Parameter(torch.zeros(200_000))
+    p.grad = torch.zeros_like(p)
+    untouched = torch.nn.Parameter(torch.zeros(3))  # no gradient: left alone
+    noise.add([p, untouched], step=9)
+    assert p.grad.var().item() == pytest.approx(0.3 / 10**0.55, rel=0.02)
+    assert untouched.grad is None
+    assert noise.std(0) == pytest.approx(math.sqrt(0.3))

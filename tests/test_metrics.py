@@ -1,0 +1,58 @@
+import pytest
+
+from cl_ext.metrics import (
+    _Counts,
+    average_incremental_accuracy,
+    final_average_accuracy,
+    forgetting_at,
+    summarize,
+)
+
+# Three steps; test experiences 0, 1, 2 have 10, 20, 10 samples.
+COUNTS = [
+    {0: _Counts(9, 10, 10)},
+    {0: _Counts(6, 10, 2), 1: _Counts(18, 20, 19)},
+    {0: _Counts(5, 10, 1), 1: _Counts(10, 20, 4), 2: _Counts(10, 10, 10)},
+]
+
+
+def test_summary_on_hand_computed_counts():
+    s = summarize(COUNTS)
+    assert s["accuracy_matrix"] == [
+        [0.9, None, None],
+        [0.6, 0.9, None],
+        [0.5, 0.5, 1.0],
+    ]
+    # Seen accuracy pools samples, not experiences: (6 + 18) / 30 after step 1.
+    assert s["seen_accuracy"] == pytest.approx([0.9, 24 / 30, 25 / 40])
+    assert s["old_accuracy"][0] is None
+    assert s["old_accuracy"][1:] == pytest.approx([0.6, 15 / 30])
+    assert s["new_accuracy"] == pytest.approx([0.9, 0.9, 1.0])
+    assert s["new_prediction_share"] == pytest.approx([1.0, 21 / 30, 15 / 40])
+    assert s["average_incremental_accuracy"] == pytest.approx((0.9 + 0.8 + 0.625) / 3)
+    assert s["average_incremental_accuracy_excl_first"] == pytest.approx((0.8 + 0.625) / 2)
+    assert s["final_average_accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert s["final_accuracy"] == pytest.approx(0.625)
+    # Forgetting at step 2: exp 0 best 0.9 -> 0.5 (0.4); exp 1 best 0.9 -> 0.5 (0.4).
+    assert s["forgetting"] == pytest.approx(0.4)
+    assert s["forgetting_per_step"][0] is None
+    assert s["forgetting_per_step"][1] == pytest.approx(0.3)
+
+
+def test_forgetting_uses_best_earlier_not_first():
+    matrix = [[0.5, None, None], [0.8, 0.9, None], [0.7, 0.9, 0.9]]
+    assert forgetting_at(matrix, 2) == pytest.approx((0.1 + 0.0) / 2)
+    assert forgetting_at(matrix, 0) is None
+
+
+def test_average_incremental_accuracy_conventions():
+    assert average_incremental_accuracy([1.0, 0.5, 0.3]) == pytest.approx(0.6)
+    assert average_incremental_accuracy([1.0, 0.5, 0.3], include_first=False) == pytest.approx(0.4)
+    assert average_incremental_accuracy([1.0], include_first=False) is None
+    assert final_average_accuracy([]) is None
+
+
+def test_task_incremental_has_no_new_prediction_share():
+    s = summarize(COUNTS[:2], newest_classes_known=False)
+    assert s["new_prediction_share"] == [None, None]
+    assert s["seen_accuracy"] == pytest.approx([0.9, 0.8])

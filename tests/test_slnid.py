@@ -1,0 +1,320 @@
+"""SLNID (Aljundi et al., ICLR 2019): the regulariser, its weights, neuron importance, and the
+plugin with Avalanche's MAS/EWC on the task-incremental permuted-MNIST benchmark."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cl_ext import registry
+from cl_ext.benchmarks.permuted import build_permuted_mnist
+from cl_ext.config import validate_recipe
+from cl_ext.context import BuildContext
+from cl_ext.errors import DataNotFoundError
+from cl_ext.plugins.slnid import (
+    SLNIDPlugin,
+    activation_sparsity,
+    discount_weights,
+    locality_mask,
+    neuron_importance_sum,
+    slnid_penalty,
+)
+from cl_ext.runner import build_experiment, run_experiment
+
+from conftest import shared_file
+
+
+def _recipe(**overrides) -> dict:
+    recipe = {
+        "seed": 0,
+        "device": "cpu",
+        "benchmark": {"name": "digits", "options": {}},
+        "model": {"name": "mlp", "options": {"hidden": [16, 16]}},
+        "strategy": {"name": "naive", "epochs": 1, "batch_size": 20, "eval_batch_size": 50},
+        "evaluation": {"metrics": ["incremental_accuracy"]},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def _ctx(**overrides) -> BuildContext:
+    return BuildContext(recipe=validate_recipe(_recipe(**overrides)), device=torch.device("cpu"))
+
+
+def _fake_mnist(folder: Path, per_class: int = 12, test_per_class: int = 4) -> Path:
+    rng = np.random.RandomState(0)
+    arrays = {}
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        y = np.repeat(np.arange(10), n)
+        # Class-dependent blobs so that a few steps of SGD learn something.
+        x = rng.randint(0, 60, size=(len(y), 28, 28)).astype(np.uint8)
+        for c in range(10):
+            x[y == c, 2 * c : 2 * c + 6, 4:20] = 250
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
+    np.savez(folder / "mnist.npz", **arrays)
+    return folder
+
+
+# -- the regulariser -----------------------------------------------------------------------
+def test_penalty_matches_hand_computation():
+    # N = 3, scale 3 -> sigma = 1: w_01 = w_12 = exp(-1/2), w_02 = exp(-2).
+    weights = locality_mask(3, scale=3.0)
+    h = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
+    # sample 1: 2 * w_01 * 1 * 2 = 4 e^-1/2; sample 2: 2 * w_12 * 1 * 3 = 6 e^-1/2; mean over M = 2.
+    expected = (4 + 6) * math.exp(-0.5) / 2
+    assert slnid_penalty(h, weights).item() == pytest.approx(expected, rel=1e-6)
+    # A single active neuron is never penalised: the diagonal is zero.
+    assert slnid_penalty(torch.tensor([[0.0, 5.0, 0.0]]), weights).item() == 0.0
+
+
+def test_locality_mask_symmetric_zero_diagonal_gaussian():
+    mask = locality_mask(12, scale=6.0)  # sigma = 2
+    assert torch.equal(mask, mask.T)
+    assert torch.all(mask.diagonal() == 0)
+    assert mask[0, 1].item() == pytest.approx(math.exp(-1 / 8))
+    assert mask[3, 0].item() == pytest.approx(math.exp(-9 / 8))
+    assert mask[0, 11].item() == pytest.approx(math.exp(-121 / 8))
+    whole_layer = locality_mask(4, scale=None)
+    assert torch.equal(whole_layer, torch.ones(4, 4) - torch.eye(4))
+    with pytest.raises(ValueError):
+        locality_mask(4, scale=0.0)
+
+
+@pytest.mark.parametrize("mode", ["sum", "min"])
+def test_discounting_lowers_penalty_for_important_neurons_only(mode):
+    alpha = torch.tensor([0.0, 2.0, 0.0, 0.0])
+    d = discount_weights(alpha, mode)
+    expected_01 = math.exp(-2.0)  # exp(-(0 + 2)) and min(exp(0), exp(-2)) agree here
+    assert d[0, 1].item() == pytest.approx(expected_01)
+    assert d[0, 2].item() == 1.0
+    assert torch.equal(d, d.T)
+    both = discount_weights(torch.tensor([1.0, 2.0]), mode)[0, 1].item()
+    assert both == pytest.approx(math.exp(-3.0) if mode == "sum" else math.exp(-2.0))
+
+    mask = locality_mask(4, scale=2.0)
+    h = torch.rand(8, 4) + 0.1
+    plain, discounted = slnid_penalty(h, mask), slnid_penalty(h, mask * d)
+    assert discounted < plain
+    # Only the pairs that involve the important neuron 1 changed.
+    pairs_with_1 = 2 * (h[:, 1:2] * h * mask[1]).sum() / len(h)
+    assert (plain - discounted).item() == pytest.approx((1 - math.exp(-2.0)) * pairs_with_1.item(), rel=1e-5)
+
+
+def test_neuron_importance_is_mean_gated_output_gradient():
+    """alpha_i = mean |d ||F(x)||^2 / dh_i| over the data, zero where the neuron is silent."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+        model[2].weight.copy_(torch.tensor([[2.0, 3.0]]))
+    # x1 -> h = (1, 0), F = 2, dF^2/dh = 2F (2, 3) = (8, 12), gated -> (8, 0)
+    # x2 -> h = (0.5, 1), F = 4, dF^2/dh = (16, 24)
+    x = torch.tensor([[1.0, 1.0], [0.5, -1.0]])
+    data = TensorDataset(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    strategy = SimpleNamespace(
+        model=model, experience=SimpleNamespace(dataset=data), eval_mb_size=1, device=torch.device("cpu")
+    )
+    plugin = SLNIDPlugin()
+    model.train()
+    plugin.before_training(strategy)
+    plugin.after_training_exp(strategy)
+    assert torch.allclose(plugin.importance["1"], torch.tensor([12.0, 12.0]))
+    assert all(p.grad is None for p in model.parameters()), "the importance pass must not touch parameter grads"
+    assert model.training and model[1].training, "train/eval flags are restored"
+    # A second task adds to the first (the authors' code sums neuron importance over tasks).
+    plugin.after_training_exp(strategy)
+    assert torch.allclose(plugin.importance["1"], torch.tensor([24.0, 24.0]))
+    plugin.after_training(strategy)
+    assert not model[1]._forward_hooks
+    g = torch.tensor([[-8.0, 12.0]])
+    assert torch.equal(neuron_importance_sum(torch.tensor([[1.0, 0.0]]), g), torch.tensor([8.0, 0.0]))
+
+
+def test_gradients_flow_only_into_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[1].weight.abs_()  # every neuron fires on positive inputs
+    plugin = SLNIDPlugin(lambda_ssl=1.0, scale=2.0)
+    plugin.importance = {"2": torch.rand(5)}
+    strategy = SimpleNamespace(model=model)
+    plugin.before_training(strategy)
+    plugin.before_forward(strategy)
+    model(torch.rand(4, 6) + 1.0)
+    plugin.after_forward(strategy)
+    penalty = plugin.penalty()
+    assert penalty.requires_grad
+    penalty.backward()
+    assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
+    assert model[3].weight.grad is None, "the layer after the regularised ReLU does not influence R"
+    held = list(plugin._weights.values()) + list(plugin._masks.values()) + list(plugin.importance.values())
+    assert held and all(not t.requires_grad and t.grad is None for t in held)
+
+
+def test_masks_are_built_once_per_layer_size_and_task():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    plugin = SLNIDPlugin()
+    strategy = SimpleNamespace(model=model)
+    plugin.before_training(strategy)
+    for _ in range(3):
+        plugin.before_forward(strategy)
+        model(torch.rand(5, 4))
+        plugin.after_forward(strategy)
+        plugin.penalty()
+    assert list(plugin._masks) == [(8, torch.device("cpu"), torch.float32)]
+    weights = dict(plugin._weights)
+    plugin.before_forward(strategy)
+    model(torch.rand(5, 4))
+    plugin.after_forward(strategy)
+    plugin.penalty()
+    assert all(plugin._weights[k] is weights[k] for k in weights), "weights are reused within a task"
+
+
+def test_layers_option_and_errors():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.Tanh())
+    strategy = SimpleNamespace(model=model)
+    default = SLNIDPlugin()
+    default.before_training(strategy)
+    default.before_forward(strategy)
+    model(torch.rand(2, 1, 4, 4))
+    with pytest.raises(RuntimeError, match="layers option"):
+        default.after_forward(strategy)  # the only ReLU is a conv one, skipped by default
+    default.after_training(strategy)
+
+    chosen = SLNIDPlugin(layers=["1", "Tanh"])
+    chosen.before_training(strategy)
+    chosen.before_forward(strategy)
+    model(torch.rand(2, 1, 4, 4))
+    chosen.after_forward(strategy)
+    assert [name for name, _ in chosen._activations] == ["1", "4"]
+    assert chosen.penalty().item() > 0
+    assert set(chosen._weights) == {"1", "4"} and chosen._weights["1"].shape == (3, 3)  # channels = neurons
+    with pytest.raises(ValueError, match="no modules"):
+        SLNIDPlugin(layers=["nope"]).before_training(strategy)
+    with pytest.raises(ValueError):
+        SLNIDPlugin(discount="max")
+
+
+class _WeightSpy(SupervisedPlugin):
+    """Records the SLNID weight matrices used at the first iteration of each experience."""
+
+    def __init__(self, slnid: SLNIDPlugin):
+        super().__init__()
+        self.slnid = slnid
+        self.seen: list[dict[str, torch.Tensor]] = []
+        self.importance_before: list[dict[str, torch.Tensor]] = []
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.importance_before.append({k: v.clone() for k, v in self.slnid.importance.items()})
+
+    def after_backward(self, strategy, **kwargs):
+        if len(self.seen) < len(self.importance_before):
+            self.seen.append({k: v.clone() for k, v in self.slnid._weights.items()})
+
+
+def test_no_discount_at_first_task_then_discount_by_importance():
+    ctx = _ctx()
+    bundle = registry.build("benchmark", "digits", ctx, {"classes_per_exp": 5})
+    ctx.benchmark = bundle
+    model = registry.build("model", "mlp", ctx, {"hidden": [16, 16]})
+    slnid = SLNIDPlugin(lambda_ssl=1e-2, scale=4.0, discount="sum")
+    spy = _WeightSpy(slnid)
+    strategy = Naive(
+        model, torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64, train_epochs=1,
+        eval_mb_size=256, plugins=[slnid, spy], evaluator=None,
+    )
+    for exp in bundle.benchmark.train_stream:
+        strategy.train(exp)
+    mask = locality_mask(16, 4.0)
+    names = ["backbone.layers.2", "backbone.layers.4"]
+    assert sorted(spy.seen[0]) == names
+    for name in names:
+        assert torch.equal(spy.seen[0][name], mask), "first task: locality only"
+        alpha = spy.importance_before[1][name]
+        assert alpha.shape == (16,) and alpha.sum() > 0
+        assert torch.allclose(spy.seen[1][name], mask * discount_weights(alpha, "sum"))
+        assert (spy.seen[1][name] < mask).any()
+    assert len(slnid.summary()["importance_per_task"]) == 2
+    state = slnid.state_dict()
+    restored = SLNIDPlugin()
+    restored.load_state_dict(state)
+    assert all(torch.equal(restored.importance[k], slnid.importance[k]) for k in names)
+
+
+# -- the permuted-MNIST benchmark and the recipes --------------------------------------------
+def test_permuted_mnist_tasks(tmp_path):
+    root = _fake_mnist(tmp_path)
+    bundle = build_permuted_mnist(_ctx(), root=str(root), n_experiences=3)
+    info = bundle.info
+    assert info.task_incremental and info.n_experiences == 3 and info.classes_per_exp == [10, 10, 10]
+    stream = bundle.benchmark.train_stream
+    assert [exp.task_label for exp in stream] == [0, 1, 2]
+    assert [len(exp.dataset) for exp in stream] == [120, 120, 120]
+    assert sorted(stream[1].classes_in_this_experience) == list(range(10))
+    raw = np.load(root / "mnist.npz")["x_train"]
+    x0, y0, t0 = stream[0].dataset[5]
+    x1, _, t1 = stream[1].dataset[5]
+    assert x0.shape == (1, 28, 28) and (t0, t1) == (0, 1)
+    assert torch.allclose(x0, torch.from_numpy(raw[5]).float().unsqueeze(0) / 255)  # task 0: plain MNIST
+    assert not torch.equal(x0, x1) and torch.equal(x0.flatten().sort().values, x1.flatten().sort().values)
+    x2, _, _ = bundle.benchmark.test_stream[2].dataset[0]
+    assert torch.equal(
+        x2.flatten().sort().values, torch.from_numpy(np.load(root / "mnist.npz")["x_test"][0]).float().flatten().div(255).sort().values
+    )
+
+
+def test_permuted_mnist_missing_data_is_one_clear_error(tmp_path):
+    with pytest.raises(DataNotFoundError, match="mnist.npz"):
+        build_permuted_mnist(_ctx(), root=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    "strategy, options",
+    [("mas", {"lambda_reg": 0.1}), ("ewc", {"ewc_lambda": 50.0})],
+)
+def test_recipe_with_cl_ext_strategies_multihead(tmp_path, strategy, options):
+    root = _fake_mnist(tmp_path)
+    recipe = validate_recipe(_recipe(
+        benchmark={"name": "permuted_mnist", "options": {"root": str(root), "n_experiences": 2}},
+        model={"name": "mlp", "options": {"hidden": [32, 32], "multihead": True}},
+        strategy={"name": strategy, "epochs": 2, "batch_size": 40, "eval_batch_size": 100,
+                  "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "options": options},
+        plugins=[{"name": "slnid", "options": {"lambda_ssl": 1e-3}}],
+        output={"dir": str(tmp_path / "runs"), "name": "t", "report": False, "checkpoint": False},
+    ))
+    exp = build_experiment(recipe)
+    (tmp_path / "run").mkdir()
+    metrics = run_experiment(exp, tmp_path / "run")
+    model = exp.ctx.model
+    assert sorted(model.classifier.classifiers) == ["0", "1"], "one head per task"
+    assert len(metrics["accuracy_matrix"]) == 2 and metrics["final_average_accuracy"] > 0.3
+    summary = metrics["plugins"]["slnid"]["importance_per_task"]
+    assert len(summary) == 2 and sorted(summary[0]) == ["backbone.layers.2", "backbone.layers.4"]
+    assert all(not m._forward_hooks for m in model.modules()), "hooks are removed after training"
+    # The two heads answer differently for the same input: task labels reach the model.
+    x = torch.rand(3, 1, 28, 28)
+    assert not torch.allclose(model(x, 0), model(x, 1))
+
+
+def test_activation_sparsity():
+    h = torch.tensor([[0.0, 2.0, 0.0, 1e-4], [1.0, 1.0, 0.0, 0.0]])
+    stats = activation_sparsity(h, threshold=1e-3)
+    assert stats["near_zero_share"] == pytest.approx(5 / 8)
+    assert stats["active_per_input"] == pytest.approx(1.5)
+
+
+@pytest.mark.data
+def test_permuted_mnist_real_data():
+    root = shared_file("mnist.npz").parent
+    bundle = build_permuted_mnist(_ctx(), root=str(root), n_experiences=2, train_per_class=50)
+    assert [len(e.dataset) for e in bundle.benchmark.train_stream] == [500, 500]
+    assert [len(e.dataset) for e in bundle.benchmark.test_stream] == [10000, 10000]
+    assert bundle.info.input_shape == (1, 28, 28) and bundle.info.n_classes == 10
