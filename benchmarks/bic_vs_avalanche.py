@@ -182,7 +182,8 @@ def pct(values) -> str:
 
 def print_tables(runs: list[dict], seeds: list[int]) -> None:
     by_method = {m: [r for r in runs if r["method"] == m] for m in METHODS}
-    print(f"\n| method | avg. incremental acc. (%) | final acc. (%) | wall time (s) |  (mean ± std over seeds {seeds})")
+    print(f"\nMean ± std over seeds {seeds}.")
+    print("\n| method | avg. incremental acc. (%) | final acc. (%) | wall time (s) |")
     print("|---|---|---|---|")
     for method, rs in by_method.items():
         if rs:
@@ -190,7 +191,8 @@ def print_tables(runs: list[dict], seeds: list[int]) -> None:
                   f"{pct([r['final_accuracy'] for r in rs])} | {np.mean([r['wall_time_s'] for r in rs]):.1f} |")
     print("\nPer step (mean over seeds): share of test predictions in the newest classes, old / new accuracy (%).")
     print("'raw' = the same model with its correction switched off.")
-    print("\n| step | method | share raw | share corrected | old raw | old corrected | new raw | new corrected | alpha | beta |")
+    print("\n| step | method | share raw | share corrected | old raw | old corrected | new raw | new corrected "
+          "| alpha | beta |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     n_steps = len(runs[0]["steps"])
     for t in range(1, n_steps):
@@ -204,7 +206,8 @@ def print_tables(runs: list[dict], seeds: list[int]) -> None:
 
             alpha = np.mean([row["alpha"] for row in rows]) if all("alpha" in row for row in rows) else None
             beta = np.mean([row["beta"] for row in rows]) if all("beta" in row for row in rows) else None
-            print(f"| {t} | {method} | {col('raw', 'new_prediction_share')} | {col('corrected', 'new_prediction_share')} | "
+            print(f"| {t} | {method} | {col('raw', 'new_prediction_share')} | "
+                  f"{col('corrected', 'new_prediction_share')} | "
                   f"{col('raw', 'old_accuracy')} | {col('corrected', 'old_accuracy')} | {col('raw', 'new_accuracy')} | "
                   f"{col('corrected', 'new_accuracy')} | {'-' if alpha is None else f'{alpha:.3f}'} | "
                   f"{'-' if beta is None else f'{beta:.3f}'} |")

@@ -15,7 +15,6 @@ from cl_ext.config import validate_recipe
 from cl_ext.memory import ExemplarMemory
 from cl_ext.plugins import bic as bic_module
 from cl_ext.plugins.bic import (
-    BiasLayer,
     BiCPlugin,
     correct_logits,
     distillation_loss,
@@ -91,7 +90,7 @@ def test_distillation_targets_are_distributions_over_classes():
         s = [math.exp(v / T) for v in s_row]
         return -sum(ti / sum(t) * math.log(si / sum(s)) for ti, si in zip(t, s))
 
-    expected = (by_hand(student[0].tolist(), teacher[0].tolist()) + by_hand(student[1].tolist(), teacher[1].tolist())) / 2
+    expected = sum(by_hand(s.tolist(), t.tolist()) for s, t in zip(student, teacher)) / 2
     assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(expected, rel=1e-6)
     # Avalanche's BiCPlugin normalises over the batch dimension instead: a different number.
     batch_softmax = torch.softmax(teacher / 2, dim=0)
@@ -133,7 +132,8 @@ def test_bias_layer_is_not_in_the_model_state_dict():
     assert set(model.state_dict()) == {"weight", "bias"}
     model.bic_bias.set(2.0, 1.0, 2, 4)
     x = torch.randn(5, 3)
-    expected = correct_logits(nn.functional.linear(x, model.weight, model.bias), torch.tensor(2.0), torch.tensor(1.0), 2, 4)
+    raw = nn.functional.linear(x, model.weight, model.bias)
+    expected = correct_logits(raw, torch.tensor(2.0), torch.tensor(1.0), 2, 4)
     assert torch.allclose(model(x), expected)
     assert torch.allclose(copy.deepcopy(model)(x), expected)  # a copied teacher keeps its correction
 

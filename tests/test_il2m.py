@@ -67,7 +67,8 @@ def test_rectifier_is_not_in_the_model_state_dict():
     x = torch.randn(4, 3)
     assert torch.equal(model(x), nn.functional.linear(x, model.weight, model.bias))  # no factors yet: raw
     plugin.rectifier.set(torch.tensor([2.0, 0.5]))
-    assert torch.allclose(model(x), rectify_scores(nn.functional.linear(x, model.weight, model.bias), torch.tensor([2.0, 0.5])))
+    raw = nn.functional.linear(x, model.weight, model.bias)
+    assert torch.allclose(model(x), rectify_scores(raw, torch.tensor([2.0, 0.5])))
 
 
 # -- the plugin end to end ----------------------------------------------------------------
@@ -148,7 +149,8 @@ def test_statistics_and_factors(il2m_run):
     assert plugin.confidence[2] == pytest.approx(confidence)
     # Old classes are measured on their exemplars in the current model.
     current_mean, _ = true_class_means(model, exp.ctx.memory.dataset(range(4)), 4)
-    expected = plugin.init_mean[:4] / current_mean * plugin.confidence[2] / torch.tensor(plugin.confidence)[[0, 0, 1, 1]]
+    confidence_then = torch.tensor(plugin.confidence)[[0, 0, 1, 1]]
+    expected = plugin.init_mean[:4] / current_mean * plugin.confidence[2] / confidence_then
     assert plugin.rectifier.scale.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
 
 

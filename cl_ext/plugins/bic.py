@@ -5,8 +5,8 @@ Reference code: github.com/wuyuebupt/LargeScaleIncrementalLearning (``resnet.py`
 
 Each step after the first trains in two stages.
 
-- Stage 1 (paper Sec. 4, distillation and classification losses): the model learns the new classes on the new data plus the
-  rehearsal exemplars with ``lambda * L_d + (1 - lambda) * L_c``, ``lambda = n / (n + m)``
+- Stage 1 (paper Sec. 4, distillation and classification losses): the model learns the new
+  classes on the new data plus the rehearsal exemplars with ``lambda * L_d + (1 - lambda) * L_c``, ``lambda = n / (n + m)``
   (``n`` old, ``m`` new classes). ``L_d`` is a soft cross-entropy at ``T = 2`` between the
   teacher's and the student's softmax over the old classes; the teacher is the previous
   model *with its own bias correction* (the reference code distils from the corrected
@@ -32,7 +32,6 @@ metrics, the next step's teacher -- sees corrected logits.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, train_phase
+from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
 
 
 # -- pure functions ------------------------------------------------------------------------
@@ -59,8 +58,10 @@ def correct_logits(
     return torch.cat([logits[:, :start], alpha * logits[:, start:end] + beta, logits[:, end:]], dim=1)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """The distillation loss ``-sum_k pi_hat_k log pi_k`` with both softmaxes over the classes at ``temperature``; batch mean.
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0
+) -> torch.Tensor:
+    """The distillation loss ``-sum_k pi_hat_k log pi_k``, both softmaxes over the classes at ``temperature``.
 
     Pass the old classes' logits only. No ``T^2`` factor, as in the paper and reference code.
     """
@@ -184,9 +185,7 @@ class BiCPlugin(SupervisedPlugin):
         self.group = newest_classes(strategy.experience, self.n_seen, "BiC")
         if self.n_seen:
             # The teacher keeps the previous correction; the student trains on raw logits.
-            self.teacher = copy.deepcopy(strategy.model).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self.teacher = frozen_copy(strategy.model)
         self.bias_layer.reset()
 
     def before_backward(self, strategy, **kwargs):
