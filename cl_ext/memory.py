@@ -5,6 +5,12 @@ the eval transforms, are L2-normalised, and exemplars are picked greedily so tha
 of the chosen ones tracks the class mean. Each class keeps its exemplars in that priority
 order, so when the per-class quota shrinks the memory truncates instead of re-running
 herding, and the memory never holds more than its budget.
+
+A memory can also keep a *holdout*: a fixed fraction of each class's quota set aside as
+validation exemplars that are never rehearsed (BiC's 9:1 train/validation split of the
+memory, Wu et al. CVPR 2019, Sec. 4.2). The holdout lives inside the budget. The held-out
+samples of a new class are chosen at random before it is trained on
+(:meth:`ExemplarMemory.hold_out`), so they stay unseen by the model.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class ExemplarMemory:
 
     With a total budget every seen class gets ``size // n_seen_classes`` exemplars
     (iCaRL's m = K / t); the remainder stays unused so every class is treated alike.
+    With ``holdout`` > 0, ``holdout_quota(n)`` of each class's ``quota(n)`` places hold
+    validation exemplars (random, never rehearsed) and the rest rehearsal exemplars.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class ExemplarMemory:
         feature_fn: FeatureFn = model_features,
         batch_size: int = 256,
         seed: int = 0,
+        holdout: float = 0.0,
     ):
         if (size is None) == (per_class is None):
             raise ValueError("give exactly one of size (total budget) or per_class")
@@ -121,19 +130,48 @@ class ExemplarMemory:
         self.batch_size = batch_size
         self._generator = torch.Generator().manual_seed(seed)
         self._classes: dict[int, _ClassExemplars] = {}
+        self._holdout: dict[int, _ClassExemplars] = {}
+        self.holdout = 0.0
+        self.set_holdout(holdout)
+
+    def set_holdout(self, fraction: float) -> None:
+        """Keep ``fraction`` of each class's quota as never-rehearsed validation exemplars."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {fraction}")
+        if fraction != self.holdout and (self._classes or self._holdout):
+            raise ValueError("the holdout fraction cannot change once the memory holds exemplars")
+        self.holdout = fraction
 
     # -- queries -----------------------------------------------------------------------
     @property
     def classes(self) -> list[int]:
         return sorted(self._classes)
 
+    @property
+    def holdout_classes(self) -> list[int]:
+        return sorted(self._holdout)
+
     def __len__(self) -> int:
-        return sum(len(c.indices) for c in self._classes.values())
+        stored = list(self._classes.values()) + list(self._holdout.values())
+        return sum(len(c.indices) for c in stored)
 
     def quota(self, n_classes: int) -> int:
+        """Places per class (rehearsal and holdout together) when ``n_classes`` are stored."""
         if self.per_class is not None:
             return self.per_class
         return self.size // max(n_classes, 1)
+
+    def holdout_quota(self, n_classes: int) -> int:
+        """Holdout places per class: ``holdout`` of the quota, rounded down but at least one."""
+        if self.holdout == 0:
+            return 0
+        quota = self.quota(n_classes)
+        if quota < 2:
+            raise ValueError(
+                f"a per-class quota of {quota} leaves no room for both rehearsal and holdout exemplars "
+                f"with {n_classes} classes: raise strategy.memory.size"
+            )
+        return max(1, int(quota * self.holdout))
 
     def class_dataset(self, label: int):
         return self._classes[label].dataset
@@ -144,23 +182,58 @@ class ExemplarMemory:
         parts = [self._classes[c].dataset for c in chosen if c in self._classes]
         return concat_datasets(parts) if parts else None
 
+    def holdout_dataset(self, classes: Sequence[int] | None = None):
+        """The held-out exemplars of ``classes`` (default: all) as one Avalanche dataset, or None."""
+        chosen = self.holdout_classes if classes is None else list(classes)
+        parts = [self._holdout[c].dataset for c in chosen if c in self._holdout]
+        return concat_datasets(parts) if parts else None
+
     # -- updates -----------------------------------------------------------------------
+    def hold_out(self, dataset, experience: int = 0) -> list[int]:
+        """Draw the holdout of each class of ``dataset`` not stored yet; returns the indices left to train on.
+
+        Call it before training on ``dataset`` so the held-out samples stay unseen; without a
+        holdout (``holdout`` == 0) every index is returned.
+        """
+        targets = torch.as_tensor(list(dataset.targets))
+        if not self.holdout:
+            return list(range(len(targets)))
+        new_classes = [int(c) for c in targets.unique() if int(c) not in self._classes]
+        n_holdout = self.holdout_quota(len(self._classes) + len(new_classes))
+        held = torch.zeros(len(targets), dtype=torch.bool)
+        for label in new_classes:
+            # Redrawn if a holdout was drawn before for a dataset that update() never stored.
+            candidates = torch.nonzero(targets == label).flatten()
+            chosen = candidates[torch.randperm(len(candidates), generator=self._generator)[:n_holdout]]
+            self._holdout[label] = _ClassExemplars(experience, chosen, dataset.subset(chosen.tolist()))
+            held[chosen] = True
+        return torch.nonzero(~held).flatten().tolist()
+
     def update(self, model: nn.Module, dataset, device: torch.device | str, experience: int = 0) -> None:
         """Add the classes of ``dataset`` that are not stored yet, then shrink all to the quota."""
         targets = torch.as_tensor(list(dataset.targets))
         new_classes = [int(c) for c in targets.unique() if int(c) not in self._classes]
-        quota = self.quota(len(self._classes) + len(new_classes))
+        n_classes = len(self._classes) + len(new_classes)
+        quota = self.quota(n_classes)
         if quota < 1:
             raise ValueError(
-                f"memory size {self.size} is smaller than the {len(self._classes) + len(new_classes)} "
+                f"memory size {self.size} is smaller than the {n_classes} "
                 "classes seen: raise strategy.memory.size"
             )
+        if self.holdout and any(
+            label not in self._holdout or self._holdout[label].experience != experience for label in new_classes
+        ):
+            self.hold_out(dataset, experience)  # not drawn before training: draw it now
+        n_holdout = self.holdout_quota(n_classes)
         for label in new_classes:
             candidates = torch.nonzero(targets == label).flatten()
-            order = self._select(model, dataset, candidates, quota, device)
+            if label in self._holdout:
+                candidates = candidates[~torch.isin(candidates, self._holdout[label].indices)]
+            order = self._select(model, dataset, candidates, quota - n_holdout, device)
             chosen = candidates[order]
             self._classes[label] = _ClassExemplars(experience, chosen, dataset.subset(chosen.tolist()))
-        self._shrink(quota)
+        self._shrink(self._classes, quota - n_holdout)
+        self._shrink(self._holdout, n_holdout)
 
     def _select(self, model, dataset, candidates: torch.Tensor, quota: int, device) -> torch.Tensor:
         if self.selection == "random":
@@ -170,8 +243,9 @@ class ExemplarMemory:
         )
         return herding_order(features, quota)
 
-    def _shrink(self, quota: int) -> None:
-        for stored in self._classes.values():
+    @staticmethod
+    def _shrink(classes: dict[int, _ClassExemplars], quota: int) -> None:
+        for stored in classes.values():
             if len(stored.indices) > quota:
                 stored.indices = stored.indices[:quota]
                 stored.dataset = stored.dataset.subset(range(quota))
@@ -180,16 +254,24 @@ class ExemplarMemory:
     def state_dict(self) -> dict[str, Any]:
         return {
             "classes": {c: (s.experience, s.indices.tolist()) for c, s in self._classes.items()},
+            "holdout": {c: (s.experience, s.indices.tolist()) for c, s in self._holdout.items()},
+            "holdout_fraction": self.holdout,
             "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any], train_stream) -> None:
         """Restore from :meth:`state_dict`; the samples are taken from ``train_stream`` again."""
         self._generator.set_state(state["generator"])
-        self._classes = {}
-        for label, (exp, indices) in state["classes"].items():
-            dataset = train_stream[exp].dataset
-            self._classes[int(label)] = _ClassExemplars(exp, torch.tensor(indices), dataset.subset(indices))
+        self.holdout = state.get("holdout_fraction", 0.0)  # states saved before holdouts existed have none
+
+        def restore(stored: dict) -> dict[int, _ClassExemplars]:
+            return {
+                int(label): _ClassExemplars(exp, torch.tensor(indices), train_stream[exp].dataset.subset(indices))
+                for label, (exp, indices) in stored.items()
+            }
+
+        self._classes = restore(state["classes"])
+        self._holdout = restore(state.get("holdout", {}))
 
 
 class ExemplarMemoryPlugin(SupervisedPlugin):
@@ -198,7 +280,8 @@ class ExemplarMemoryPlugin(SupervisedPlugin):
     The exemplars are concatenated into the training set (not mixed half-and-half per batch
     as Avalanche's ``ReplayPlugin`` does), which is how iCaRL, UCIR, EEIL and BiC train.
     Put this plugin before the method plugins: their ``after_training_exp`` then sees the
-    memory already updated with the new classes.
+    memory already updated with the new classes. If the memory keeps a holdout, the new
+    classes' held-out samples are removed from the training data here, before anyone trains.
     """
 
     def __init__(self, memory: ExemplarMemory, replay: bool = True):
@@ -207,6 +290,9 @@ class ExemplarMemoryPlugin(SupervisedPlugin):
         self.replay = replay
 
     def after_train_dataset_adaptation(self, strategy, **kwargs):
+        if self.memory.holdout:
+            keep = self.memory.hold_out(strategy.experience.dataset, strategy.experience.current_experience)
+            strategy.adapted_dataset = strategy.adapted_dataset.subset(keep)
         stored = self.memory.dataset()
         if self.replay and stored is not None:
             strategy.adapted_dataset = strategy.adapted_dataset.concat(stored).train()

@@ -123,15 +123,16 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
         )
         named_plugins["memory"] = ExemplarMemoryPlugin(ctx.memory)
         plugins.append(named_plugins["memory"])
-    ctx.optimizer = make_optimizer(recipe, ctx.model)
-    scheduler = make_scheduler_plugin(recipe, ctx.optimizer)
-    if scheduler is not None:
-        plugins.append(scheduler)
     ctx.plugins = plugins
     for spec in recipe.plugins:
         plugin = registry.build("plugin", spec.name, ctx, spec.options)
         named_plugins[spec.name] = plugin
         plugins.append(plugin)
+    # After the plugins: a plugin builder may change the model (UCIR swaps in a cosine head).
+    ctx.optimizer = make_optimizer(recipe, ctx.model)
+    scheduler = make_scheduler_plugin(recipe, ctx.optimizer)
+    if scheduler is not None:
+        plugins.append(scheduler)
     metrics = [registry.build("metric", name, ctx) for name in recipe.evaluation.metrics]
     if not any(type(m) is IncrementalAccuracy for m in metrics):
         metrics.insert(0, IncrementalAccuracy())

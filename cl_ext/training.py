@@ -9,6 +9,7 @@ explicitly and restored afterwards (Avalanche sets ``model.train()`` only once p
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -86,3 +87,10 @@ def train_phase(
         for module, flag in was_training.items():
             module.train(flag)
     return epoch_losses
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A teacher: a deep copy in eval mode whose parameters take no gradient."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher

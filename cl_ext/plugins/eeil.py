@@ -25,7 +25,6 @@ driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before t
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
@@ -39,7 +38,7 @@ from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, train_phase
+from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
 
 # -- losses ----------------------------------------------------------------------------
 
@@ -166,14 +165,6 @@ class GradientNoise:
 
 
 # -- the plugin ---------------------------------------------------------------------------
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A teacher: a deep copy in eval mode whose parameters take no gradient."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 def balanced_dataset(old_exemplars, memory: ExemplarMemory, per_class: int, model: nn.Module, new_data, device):

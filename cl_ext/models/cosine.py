@@ -1,0 +1,180 @@
+"""Cosine-normalised incremental classifier (Hou et al., CVPR 2019, "Learning a Unified
+Classifier Incrementally via Rebalancing", the "cosine normalization" component).
+
+The logit of class c is ``eta * cos(w_c, f)``: weights and features are L2-normalised, so
+old and new classes compete on direction only and the magnitude bias towards new classes
+disappears; one learnable scale ``eta`` (init 1) sharpens the softmax. New classes can be
+imprinted (after Qi et al., CVPR 2018): their weight is the normalised mean of their
+samples' normalised features, rescaled to the mean norm of the old weights.
+
+As in the authors' ``SplitCosineLinear``, the rows are kept in two parameters:
+``weight_old`` holds the classes trained in earlier experiences and ``weight_new`` the
+others. Each training-time adaptation that starts a new experience moves every trained row
+into ``weight_old`` and gives the new classes fresh rows in ``weight_new``. Freezing the old
+classes is then one ``requires_grad`` flag, and no optimizer can move them: torch's
+optimizers skip parameters without gradient, so neither momentum nor weight decay apply.
+
+Unlike Avalanche's ``CosineIncrementalClassifier``, the initial classes are whatever the
+constructor is given, the output stays on the input's device, and evaluating on classes not
+trained yet only widens the output (those units read ``mask_value``) instead of creating
+untrained weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from avalanche.benchmarks.scenarios import CLExperience
+from avalanche.models import DynamicModule, IncrementalClassifier
+from torch import nn
+
+
+def imprinted_weights(
+    features: torch.Tensor, labels: torch.Tensor, classes: list[int], norm: float
+) -> torch.Tensor:
+    """One row per class in ``classes``: normalise(mean_i normalise(f_i)) * ``norm``.
+
+    The authors' ``--imprint_weights``: ``norm`` is the mean norm of the old classes' rows.
+    """
+    features = F.normalize(features.double(), dim=1)
+    rows = []
+    for c in classes:
+        mask = labels == c
+        if not mask.any():
+            raise ValueError(f"cannot imprint class {c}: no sample of it among the features")
+        rows.append(F.normalize(features[mask].mean(0), dim=0) * norm)
+    return torch.stack(rows).float()
+
+
+class CosineIncrementalClassifier(DynamicModule):
+    """``eta * cos(w_c, f)`` over a growing set of classes, with old and new rows kept apart."""
+
+    def __init__(self, in_features: int, initial_out_features: int = 0, mask_value: float = -1000.0):
+        super().__init__()
+        self.in_features = in_features
+        self.mask_value = mask_value
+        self.weight_old = nn.Parameter(torch.empty(0, in_features))
+        self.weight_new = nn.Parameter(self._fresh_rows(initial_out_features, torch.device("cpu")))
+        self.eta = nn.Parameter(torch.ones(1))
+        # Units [0, trained_until) had their classes in a training experience; the rest of the
+        # output (up to out_features) may be wider than the rows after evaluating unseen classes.
+        self.register_buffer("trained_until", torch.tensor(0))
+        self.register_buffer("n_outputs", torch.tensor(initial_out_features))
+
+    def _fresh_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        # The authors' CosineLinear init, which is also nn.Linear's default for the weight.
+        bound = 1.0 / math.sqrt(self.in_features)
+        return torch.empty(n, self.in_features, device=device).uniform_(-bound, bound)
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def num_old(self) -> int:
+        return self.weight_old.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Rows with weights (old + new)."""
+        return self.weight_old.shape[0] + self.weight_new.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return max(self.num_classes, int(self.n_outputs))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.weight_old, self.weight_new])
+
+    # -- forward -------------------------------------------------------------------------
+    def cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """cos(w_c, f) for every row, before the scale eta (the scores of the margin ranking loss)."""
+        return F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.eta * self.cosine(x)
+        missing = self.out_features - out.shape[1]
+        if missing > 0:
+            out = F.pad(out, (0, missing), value=self.mask_value)
+        return out
+
+    # -- growth --------------------------------------------------------------------------
+    @torch.no_grad()
+    def adaptation(self, experience: CLExperience):
+        super().adaptation(experience)
+        top = max(experience.classes_in_this_experience) + 1
+        self.n_outputs.fill_(max(int(self.n_outputs), top))
+        if not self.training:
+            return
+        split = int(self.trained_until)  # everything trained before this experience is "old"
+        rows = max(self.num_classes, top)
+        self.trained_until.fill_(max(split, top))
+        if split == self.num_old and rows == self.num_classes:
+            return
+        device = self.eta.device
+        weight = torch.cat([self.weight.detach(), self._fresh_rows(rows - self.num_classes, device)])
+        # New Parameter objects under the same names: Avalanche's optimizer update swaps them
+        # in and resets their optimizer state, as it does for a growing IncrementalClassifier.
+        self.weight_old = nn.Parameter(weight[:split].clone())
+        self.weight_new = nn.Parameter(weight[split:].clone())
+
+    @torch.no_grad()
+    def imprint(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Imprint the new classes (rows of ``weight_new``) found in ``labels``; returns them.
+
+        ``features`` must be what enters this head. The target norm is the mean norm of the
+        old rows, so it needs at least one old class.
+        """
+        if self.num_old == 0:
+            raise ValueError("imprinting needs old classes to take the weight norm from")
+        present = {int(c) for c in labels.unique()}
+        classes = [c for c in range(self.num_old, self.num_classes) if c in present]
+        if classes:
+            norm = float(self.weight_old.norm(dim=1).mean())
+            rows = imprinted_weights(features, labels, classes, norm).to(self.weight_new.device)
+            self.weight_new[[c - self.num_old for c in classes]] = rows
+        return classes
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args, **kwargs):
+        # A checkpoint may hold more classes than a freshly built head: take its shapes.
+        for name in ("weight_old", "weight_new"):
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.shape != getattr(self, name).shape:
+                setattr(self, name, nn.Parameter(torch.empty(stored.shape, device=self.eta.device)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def use_cosine_head(model: nn.Module, attribute: str = "classifier") -> CosineIncrementalClassifier:
+    """Make sure ``model`` classifies with a cosine head; returns it.
+
+    If the model already has a :class:`CosineIncrementalClassifier` anywhere, that one is
+    returned. Otherwise ``model.<attribute>`` (an Avalanche ``IncrementalClassifier`` or an
+    ``nn.Linear``) is replaced by a cosine head with the same classes, whose rows start from the
+    linear weights (their direction is all a cosine head uses; the bias is dropped). Swap
+    before training: an optimizer built earlier still holds the linear parameters.
+    """
+    for module in model.modules():
+        if isinstance(module, CosineIncrementalClassifier):
+            return module
+    head = getattr(model, attribute, None)
+    linear = head.classifier if isinstance(head, IncrementalClassifier) else head
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(
+            f"{type(model).__name__}.{attribute} is {type(head).__name__}, not a linear head; pass "
+            "attribute=<name of the classifier module> or give the model a CosineIncrementalClassifier"
+        )
+    cosine = CosineIncrementalClassifier(linear.in_features, linear.out_features)
+    cosine.weight_new = nn.Parameter(linear.weight.detach().clone())
+    setattr(model, attribute, cosine.to(linear.weight.device))
+    return cosine
+
+
+def find_cosine_head(model: nn.Module) -> CosineIncrementalClassifier:
+    heads = [m for m in model.modules() if isinstance(m, CosineIncrementalClassifier)]
+    if len(heads) != 1:
+        raise ValueError(
+            f"expected one CosineIncrementalClassifier in {type(model).__name__}, found {len(heads)}; "
+            "call cl_ext.models.use_cosine_head(model) first"
+        )
+    return heads[0]

@@ -1,0 +1,291 @@
+"""BiC: bias correction for class-incremental learning.
+
+Wu, Chen, Wang, Ye, Liu, Guo, Fu. "Large Scale Incremental Learning", CVPR 2019.
+Reference code: github.com/wuyuebupt/LargeScaleIncrementalLearning (``resnet.py``).
+
+Each step after the first trains in two stages.
+
+- Stage 1 (paper Sec. 4, distillation and classification losses): the model learns the new
+  classes on the new data plus the rehearsal exemplars with ``lambda * L_d + (1 - lambda) * L_c``, ``lambda = n / (n + m)``
+  (``n`` old, ``m`` new classes). ``L_d`` is a soft cross-entropy at ``T = 2`` between the
+  teacher's and the student's softmax over the old classes; the teacher is the previous
+  model *with its own bias correction* (the reference code distils from the corrected
+  logits of the previous group).
+- Stage 2 (paper Sec. 4, bias correction layer): with backbone and classifier frozen and the model in eval
+  mode, two scalars ``alpha, beta`` map the newest group's logits to ``alpha * o + beta``
+  (older groups' logits pass unchanged); they are fitted with cross-entropy on a small
+  class-balanced validation set plus ``0.1 * beta^2 / 2`` (the reference code's
+  ``0.1 * tf.nn.l2_loss`` on the bias term, scale left free).
+
+The validation set lives inside the exemplar budget: the memory keeps 1/10 of every class's
+places as never-rehearsed validation exemplars, and each new class holds out as many samples
+before it is trained on (:meth:`cl_ext.memory.ExemplarMemory.hold_out`). Because the frozen
+network's outputs on the validation set do not change during stage 2, they are computed
+once and stage 2 fits ``alpha, beta`` on the cached logits (same optimum, no forward passes).
+
+Only the newest correction is applied at inference, as in the reference code: the
+correction of an earlier group is baked into the next model through distillation from the
+corrected teacher, so applying it again would correct twice. The correction is attached to
+the model (:mod:`cl_ext.plugins.correction`), so whatever scores ``model(x)`` -- evaluation,
+metrics, the next step's teacher -- sees corrected logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.memory import ExemplarMemory, extract_features
+from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
+from cl_ext.registry import register
+from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
+
+
+# -- pure functions ------------------------------------------------------------------------
+def correct_logits(
+    logits: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    """The bias correction layer: ``alpha * o_k + beta`` for units ``start <= k < end``, ``o_k`` elsewhere."""
+    if end <= start:
+        return logits
+    return torch.cat([logits[:, :start], alpha * logits[:, start:end] + beta, logits[:, end:]], dim=1)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0
+) -> torch.Tensor:
+    """The distillation loss ``-sum_k pi_hat_k log pi_k``, both softmaxes over the classes at ``temperature``.
+
+    Pass the old classes' logits only. No ``T^2`` factor, as in the paper and reference code.
+    """
+    targets = F.softmax(teacher_logits / temperature, dim=1)
+    return -(targets * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
+
+
+def distillation_weight(n_old: int, n_new: int) -> float:
+    """The paper's ``lambda = n / (n + m)``: the share of old classes among all seen ones."""
+    return n_old / (n_old + n_new)
+
+
+def stage1_loss(ce: torch.Tensor, kd: torch.Tensor, weight: float) -> torch.Tensor:
+    """Stage 1 loss ``lambda * L_d + (1 - lambda) * L_c``."""
+    return weight * kd + (1.0 - weight) * ce
+
+
+def stage2_loss(
+    corrected_logits: torch.Tensor, targets: torch.Tensor, beta: torch.Tensor, beta_penalty: float = 0.1
+) -> torch.Tensor:
+    """Cross-entropy of the corrected logits plus ``beta_penalty * beta^2 / 2`` (reference code)."""
+    return F.cross_entropy(corrected_logits, targets) + beta_penalty * beta.pow(2).sum() / 2
+
+
+def fit_bias_correction(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    start: int,
+    end: int,
+    schedule: PhaseSchedule,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    beta_penalty: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float, list[float]]:
+    """Stage 2 on cached validation logits: returns ``alpha``, ``beta`` and the loss per epoch."""
+    params = nn.ParameterDict({
+        "alpha": nn.Parameter(torch.ones((), device=device)),
+        "beta": nn.Parameter(torch.zeros((), device=device)),
+    })
+
+    def loss_fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        corrected = correct_logits(z, params["alpha"], params["beta"], start, end)
+        return stage2_loss(corrected, y, params["beta"], beta_penalty)
+
+    losses = train_phase(
+        params, TensorDataset(logits, targets), params.values(), loss_fn, schedule,
+        batch_size=batch_size, device=device, mode="eval", generator=generator, description="BiC stage 2",
+    )
+    return params["alpha"].item(), params["beta"].item(), losses
+
+
+# -- the bias layer -----------------------------------------------------------------------
+class BiasLayer(nn.Module):
+    """The bias correction ``alpha * o + beta`` on one group of output units; the identity until :meth:`set`."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alpha", torch.ones(()), persistent=False)
+        self.register_buffer("beta", torch.zeros(()), persistent=False)
+        self.start, self.end = 0, 0
+
+    def set(self, alpha: float, beta: float, start: int, end: int) -> None:
+        self.alpha.fill_(alpha)
+        self.beta.fill_(beta)
+        self.start, self.end = start, end
+
+    def reset(self) -> None:
+        self.set(1.0, 0.0, 0, 0)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return correct_logits(logits, self.alpha, self.beta, self.start, self.end)
+
+    def extra_repr(self) -> str:
+        return f"alpha={float(self.alpha):.4f}, beta={float(self.beta):.4f}, units=[{self.start}, {self.end})"
+
+
+# -- the plugin -----------------------------------------------------------------------------
+class BiCPlugin(SupervisedPlugin):
+    """BiC on top of rehearsal from ``memory``; put it after the memory's ``ExemplarMemoryPlugin``.
+
+    The plugin sets the memory's holdout to ``val_fraction`` and attaches a
+    :class:`BiasLayer` to ``model`` as ``model.bic_bias``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        memory: ExemplarMemory,
+        *,
+        val_fraction: float = 0.1,
+        temperature: float = 2.0,
+        stage2_epochs: int = 200,
+        stage2_lr: float = 0.1,
+        stage2_milestones: tuple[int, ...] = (60, 120, 160, 180),
+        beta_penalty: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        memory.set_holdout(val_fraction)
+        self.memory = memory
+        self.model = model
+        self.bias_layer = attach_output_transform(model, "bic_bias", BiasLayer())
+        self.temperature = temperature
+        self.schedule = PhaseSchedule(
+            epochs=stage2_epochs, lr=stage2_lr, momentum=0.9, milestones=list(stage2_milestones)
+        )
+        self.beta_penalty = beta_penalty
+        self._generator = torch.Generator().manual_seed(seed)
+        self.teacher: nn.Module | None = None
+        self.n_seen = 0  # classes learned in finished steps
+        self.group = (0, 0)  # units of the classes being learned
+        self.history: list[dict[str, Any]] = []
+
+    def before_training_exp(self, strategy, **kwargs):
+        if strategy.model is not self.model:
+            raise RuntimeError("BiCPlugin was built for another model than the strategy's")
+        self.group = newest_classes(strategy.experience, self.n_seen, "BiC")
+        if self.n_seen:
+            # The teacher keeps the previous correction; the student trains on raw logits.
+            self.teacher = frozen_copy(strategy.model)
+        self.bias_layer.reset()
+
+    def before_backward(self, strategy, **kwargs):
+        if self.teacher is None:
+            return
+        n_old = self.n_seen
+        with torch.no_grad():
+            teacher_logits = self.teacher(strategy.mb_x)[:, :n_old]
+        kd = distillation_loss(strategy.mb_output[:, :n_old], teacher_logits, self.temperature)
+        weight = distillation_weight(n_old, self.group[1] - self.group[0])
+        strategy.loss = stage1_loss(strategy.loss, kd, weight)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.teacher = None
+        start, end = self.group
+        if self.n_seen:
+            self._stage2(strategy, start, end)
+        self.n_seen = end
+
+    def _stage2(self, strategy, start: int, end: int) -> None:
+        classes = list(range(end))
+        missing = [c for c in classes if c not in self.memory.holdout_classes]
+        if missing:
+            raise RuntimeError(
+                f"BiC stage 2 found no validation exemplars for classes {missing[:5]}: the memory must be "
+                "updated before BiC runs (put ExemplarMemoryPlugin before BiCPlugin)"
+            )
+        logits, targets = extract_features(
+            strategy.model, self.memory.holdout_dataset(classes), strategy.device, output_logits,
+            strategy.eval_mb_size,
+        )
+        alpha, beta, losses = fit_bias_correction(
+            logits, targets, start, end, self.schedule, batch_size=strategy.train_mb_size,
+            device=strategy.device, beta_penalty=self.beta_penalty, generator=self._generator,
+        )
+        self.bias_layer.set(alpha, beta, start, end)
+        with torch.no_grad():
+            corrected = self.bias_layer(logits.to(self.bias_layer.alpha.device)).cpu()
+        self.history.append({
+            "experience": strategy.experience.current_experience,
+            "units": [start, end],
+            "alpha": alpha,
+            "beta": beta,
+            "validation_size": len(targets),
+            "stage2_loss": [losses[0], losses[-1]] if losses else None,
+            "validation_before": prediction_stats(logits, targets, start),
+            "validation_after": prediction_stats(corrected, targets, start),
+        })
+
+    # -- reporting and persistence ---------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        return {"validation_fraction": self.memory.holdout, "steps": self.history}
+
+    def state_dict(self) -> dict[str, Any]:
+        layer = self.bias_layer
+        return {
+            "n_seen": self.n_seen,
+            "history": self.history,
+            "bias_layer": [float(layer.alpha), float(layer.beta), layer.start, layer.end],
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n_seen = state["n_seen"]
+        self.history = list(state["history"])
+        self.bias_layer.set(*state["bias_layer"])
+        self._generator.set_state(state["generator"])
+
+
+def prediction_stats(logits: torch.Tensor, targets: torch.Tensor, newest_start: int) -> dict[str, float | None]:
+    """Accuracy and the share of predictions that fall in the newest group (units >= ``newest_start``)."""
+    predicted = logits.argmax(1)
+    new = targets >= newest_start
+    correct = predicted == targets
+    return {
+        "accuracy": float(correct.float().mean()),
+        "old_accuracy": float(correct[~new].float().mean()) if (~new).any() else None,
+        "new_accuracy": float(correct[new].float().mean()) if new.any() else None,
+        "new_prediction_share": float((predicted >= newest_start).float().mean()),
+    }
+
+
+@register("plugin", "bic")
+def build_bic(
+    ctx: BuildContext,
+    val_fraction: float = 0.1,
+    temperature: float = 2.0,
+    stage2_epochs: int = 200,
+    stage2_lr: float = 0.1,
+    stage2_milestones: tuple[int, ...] = (60, 120, 160, 180),
+    beta_penalty: float = 0.1,
+) -> BiCPlugin:
+    """BiC (Wu et al. 2019): distillation, then a 2-parameter bias correction fitted on held-out exemplars."""
+    if ctx.memory is None:
+        raise RecipeError(
+            "plugin 'bic' needs strategy.memory: its validation set is carved out of the exemplar memory "
+            "(e.g. strategy.name: replay, strategy.memory: {size: 2000, selection: herding})"
+        )
+    return BiCPlugin(
+        ctx.model, ctx.memory, val_fraction=val_fraction, temperature=temperature,
+        stage2_epochs=stage2_epochs, stage2_lr=stage2_lr, stage2_milestones=stage2_milestones,
+        beta_penalty=beta_penalty, seed=ctx.recipe.seed,
+    )

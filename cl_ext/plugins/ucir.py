@@ -1,0 +1,311 @@
+"""UCIR / LUCIR (Hou et al., CVPR 2019, "Learning a Unified Classifier Incrementally via
+Rebalancing"), checked against the authors' code (hshustc/CVPR19_Incremental_Learning).
+
+On top of rehearsal from an exemplar memory, each incremental step:
+
+- classifies with a cosine head (``cl_ext.models.CosineIncrementalClassifier``, "cosine
+  normalization"), the new classes' weights imprinted from their features and the old
+  classes' frozen;
+- adds the "less-forget constraint", ``lambda * (1 - cos(f*(x), f(x)))`` on the features
+  entering the head, f* from the frozen previous model, with the adaptive weight
+  ``lambda = lambda_base * sqrt(|C_old| / |C_new|)``;
+- adds the "inter-class separation": for every old-class sample in the batch, a margin
+  ranking loss between its ground-truth cosine and the top-K new-class cosines (scores
+  before eta);
+- after the step, optionally finetunes the classifier on the exemplars alone, class-balanced,
+  with the backbone frozen (the paper's class-balanced finetuning, ``--cb_finetune`` in the
+  authors' code).
+
+NME evaluation comes from the ``nme_accuracy`` metric on the same memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.models import avalanche_forward
+from torch import nn
+
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.memory import ExemplarMemory, extract_features
+from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, use_cosine_head
+from cl_ext.registry import register
+from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
+
+
+# -- loss terms ----------------------------------------------------------------------------
+def less_forget_weight(lambda_base: float, n_old: int, n_new: int) -> float:
+    """The adaptive less-forget weight: lambda = lambda_base * sqrt(|C_old| / |C_new|)."""
+    if n_old < 1 or n_new < 1:
+        raise ValueError(f"the adaptive weight needs old and new classes, got {n_old} old and {n_new} new")
+    return lambda_base * math.sqrt(n_old / n_new)
+
+
+def less_forget_loss(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """The less-forget term averaged over the batch: 1 - cos(f*(x), f(x)); f* gets no gradient."""
+    return (1 - F.cosine_similarity(features, old_features.detach(), dim=1)).mean()
+
+
+def margin_ranking_loss(
+    cosines: torch.Tensor, targets: torch.Tensor, n_old: int, margin: float = 0.5, top_k: int = 2
+) -> torch.Tensor:
+    """Inter-class separation: max(0, m - cos_gt + cos_k) for the top-K new classes of every old-class sample.
+
+    ``cosines`` are the head's scores before eta, shape (N, n_classes), classes ``>= n_old``
+    being new. Averaged over the (old-class samples x K) pairs as the authors'
+    ``nn.MarginRankingLoss`` does; zero when the batch holds no old-class sample.
+    """
+    is_old = targets < n_old
+    n_new = cosines.shape[1] - n_old
+    if not bool(is_old.any()) or n_new < 1:
+        return cosines.new_zeros(())
+    ground_truth = cosines[is_old].gather(1, targets[is_old].unsqueeze(1))
+    hardest_new = cosines[is_old, n_old:].topk(min(top_k, n_new), dim=1).values
+    return F.relu(margin - ground_truth + hardest_new).mean()
+
+
+# -- the plugin ----------------------------------------------------------------------------
+class _HeadInput:
+    """Keeps the last input of a head: the penultimate features, without a second forward."""
+
+    def __init__(self, head: nn.Module):
+        self.features: torch.Tensor | None = None
+        self._handle = head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args):
+        self.features = args[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.features = None
+
+
+class UCIRPlugin(SupervisedPlugin):
+    """UCIR on any Avalanche strategy with a classification head, e.g. ``Naive`` + a replay memory.
+
+    Put it after the memory plugin (``ExemplarMemoryPlugin``), which supplies the exemplars
+    and must update the memory before the class-balanced finetuning. The model's linear head
+    is swapped for a cosine head when training starts (see ``use_cosine_head``); swap it
+    before building the optimizer to keep the linear parameters out of it. Every switch can
+    be turned off for ablations; defaults are the paper's CIFAR-100 settings.
+    """
+
+    def __init__(
+        self,
+        memory: ExemplarMemory | None = None,
+        *,
+        lambda_base: float = 5.0,
+        adaptive_lambda: bool = True,
+        less_forget: bool = True,
+        margin_ranking: bool = True,
+        margin: float = 0.5,
+        top_k: int = 2,
+        mr_weight: float = 1.0,
+        imprint: bool = True,
+        freeze_old: bool = True,
+        cb_finetune: bool = True,
+        finetune: PhaseSchedule | None = None,
+        finetune_batch_size: int = 128,
+        head_attribute: str = "classifier",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if cb_finetune and memory is None:
+            raise ValueError("class-balanced finetuning trains on the exemplars: pass memory=, or cb_finetune=False")
+        self.memory = memory
+        self.lambda_base = lambda_base
+        self.adaptive_lambda = adaptive_lambda
+        self.less_forget = less_forget
+        self.margin_ranking = margin_ranking
+        self.margin = margin
+        self.top_k = top_k
+        self.mr_weight = mr_weight
+        self.imprint = imprint
+        self.freeze_old = freeze_old
+        self.cb_finetune = cb_finetune
+        # The authors' schedule: 20 epochs, lr 0.01 divided by 10 after 10, SGD momentum 0.9,
+        # the main phase's weight decay (5e-4 on CIFAR-100), batch 128.
+        self.finetune = finetune or PhaseSchedule(epochs=20, lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[10])
+        self.finetune_batch_size = finetune_batch_size
+        self.head_attribute = head_attribute
+        self.seed = seed
+        self.history: list[dict[str, Any]] = []
+        self.head: CosineIncrementalClassifier | None = None
+        self.teacher: nn.Module | None = None
+        self._teacher_input: _HeadInput | None = None
+        self._student_input: _HeadInput | None = None
+        self._n_old = 0
+        self._lambda = 0.0
+
+    # -- hooks ---------------------------------------------------------------------------
+    def before_training(self, strategy, **kwargs):
+        self.head = use_cosine_head(strategy.model, self.head_attribute)
+
+    def before_training_exp(self, strategy, **kwargs):
+        # The head has grown already (model adaptation runs before this hook): its old rows
+        # are the classes of earlier experiences.
+        model, head = strategy.model, self.head
+        self._n_old = head.num_old
+        classes = [int(c) for c in strategy.experience.classes_in_this_experience]
+        n_new = sum(c >= self._n_old for c in classes)
+        record: dict[str, Any] = {"n_old": self._n_old, "n_new": n_new}
+        self.history.append(record)
+        if self._n_old == 0:  # base step: plain cross-entropy on the cosine head
+            return
+        if self.less_forget:
+            # Copied before any hook is registered on the model, so that none is copied.
+            self.teacher = frozen_copy(model)
+            self._teacher_input = _HeadInput(find_cosine_head(self.teacher))
+        head.weight_old.requires_grad_(not self.freeze_old)
+        if self.imprint:
+            features, labels = self._head_features(model, strategy.experience.dataset, strategy.device)
+            record["imprinted"] = head.imprint(features, labels)
+        if self.adaptive_lambda and n_new > 0:
+            self._lambda = less_forget_weight(self.lambda_base, self._n_old, n_new)
+        else:  # fixed weight, or an experience without new classes (the ratio is undefined)
+            self._lambda = self.lambda_base
+        record["lambda"] = self._lambda
+        self._student_input = _HeadInput(head)
+
+    def before_backward(self, strategy, **kwargs):
+        if self._student_input is None:  # base step
+            return
+        features = self._student_input.features
+        if self.less_forget:
+            with torch.no_grad():
+                avalanche_forward(self.teacher, strategy.mb_x, strategy.mb_task_id)
+            strategy.loss += self._lambda * less_forget_loss(features, self._teacher_input.features)
+        if self.margin_ranking:
+            scores = self.head.cosine(features)
+            strategy.loss += self.mr_weight * margin_ranking_loss(
+                scores, strategy.mb_y, self._n_old, self.margin, self.top_k
+            )
+
+    def after_training_exp(self, strategy, **kwargs):
+        record = self.history[-1]
+        if self._n_old > 0 and self.cb_finetune:
+            record["finetune_loss"] = self._class_balanced_finetune(strategy)
+        record["eta"] = float(self.head.eta.detach())
+        for tap in (self._student_input, self._teacher_input):
+            if tap is not None:
+                tap.remove()
+        self.teacher = self._teacher_input = self._student_input = None
+        self.head.weight_old.requires_grad_(True)
+
+    # -- parts ---------------------------------------------------------------------------
+    def _head_features(self, model: nn.Module, dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features entering the cosine head for ``dataset`` (eval mode, eval transforms)."""
+        tap = _HeadInput(self.head)
+
+        def head_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            m(x)
+            return tap.features
+
+        try:
+            return extract_features(model, dataset, device, head_input)
+        finally:
+            tap.remove()
+
+    def _class_balanced_finetune(self, strategy) -> list[float]:
+        """Train the head alone on the exemplars of every class (the memory has the new ones already).
+
+        Backbone and batch-norm statistics stay frozen (``mode="eval"``, the authors'
+        ``fix_bn``); old and new rows both learn, eta does not (``ft_flag=2``). The
+        less-forget term is left out: with a frozen backbone it is a constant.
+        """
+        model, head = strategy.model, self.head
+        head.weight_old.requires_grad_(True)
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                model(x)  # the backbone is frozen: its features need no graph
+            scores = head.cosine(self._student_input.features)
+            loss = F.cross_entropy(head.eta.detach() * scores, y)
+            if self.margin_ranking:
+                loss = loss + self.mr_weight * margin_ranking_loss(scores, y, self._n_old, self.margin, self.top_k)
+            return loss
+
+        return train_phase(
+            model,
+            self.memory.dataset().train(),  # the authors finetune on augmented exemplars
+            [head.weight_old, head.weight_new],
+            loss_fn,
+            self.finetune,
+            batch_size=self.finetune_batch_size,
+            device=strategy.device,
+            mode="eval",
+            generator=torch.Generator().manual_seed(self.seed + len(self.history)),
+            description="UCIR class-balanced finetuning",
+        )
+
+    # -- state -------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Per step: old/new class counts, lambda, eta after the step, finetuning loss per epoch."""
+        return {"steps": copy.deepcopy(self.history)}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The teacher is re-made from the model at the next step, so the history is all the state.
+        return {"history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = copy.deepcopy(state["history"])
+
+
+@register("plugin", "ucir", "lucir")
+def build_ucir(
+    ctx: BuildContext,
+    lambda_base: float = 5.0,
+    adaptive_lambda: bool = True,
+    less_forget: bool = True,
+    margin_ranking: bool = True,
+    margin: float = 0.5,
+    top_k: int = 2,
+    mr_weight: float = 1.0,
+    imprint: bool = True,
+    freeze_old: bool = True,
+    cb_finetune: bool = True,
+    finetune_epochs: int = 20,
+    finetune_lr: float = 0.01,
+    finetune_milestones: list[int] = [10],
+    finetune_gamma: float = 0.1,
+    finetune_weight_decay: float | None = None,
+    finetune_batch_size: int | None = None,
+) -> UCIRPlugin:
+    """UCIR (Hou et al. 2019): cosine head, less-forget, margin ranking, class-balanced finetuning."""
+    if ctx.memory is None:
+        raise RecipeError(
+            "plugin 'ucir' rehearses exemplars: set strategy.memory (the paper keeps "
+            "{per_class: 20, selection: herding})"
+        )
+    use_cosine_head(ctx.model)
+    strategy = ctx.recipe.strategy
+    schedule = PhaseSchedule(
+        epochs=finetune_epochs,
+        lr=finetune_lr,
+        momentum=strategy.optimizer.momentum,
+        weight_decay=strategy.optimizer.weight_decay if finetune_weight_decay is None else finetune_weight_decay,
+        milestones=list(finetune_milestones),
+        gamma=finetune_gamma,
+    )
+    return UCIRPlugin(
+        ctx.memory,
+        lambda_base=lambda_base,
+        adaptive_lambda=adaptive_lambda,
+        less_forget=less_forget,
+        margin_ranking=margin_ranking,
+        margin=margin,
+        top_k=top_k,
+        mr_weight=mr_weight,
+        imprint=imprint,
+        freeze_old=freeze_old,
+        cb_finetune=cb_finetune,
+        finetune=schedule,
+        finetune_batch_size=finetune_batch_size or strategy.batch_size,
+        seed=ctx.recipe.seed,
+    )

@@ -1,0 +1,308 @@
+"""UCIR: loss terms against hand-computed values, the cosine head, and the plugin's invariants
+(lambda per step, frozen old rows, imprinting, the teacher) on a small digits stream."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+
+from cl_ext import registry
+from cl_ext.config import load_recipe, validate_recipe
+from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
+from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin, extract_features
+from cl_ext.models import CosineIncrementalClassifier, IncrementalNet, MLP, linear_head, use_cosine_head
+from cl_ext.models.cosine import imprinted_weights
+from cl_ext.plugins import UCIRPlugin
+from cl_ext.plugins.ucir import less_forget_loss, less_forget_weight, margin_ranking_loss
+from cl_ext.training import PhaseSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # conftest sets one thread per test, but module-scoped fixtures (ucir_run) set up before it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- loss terms ------------------------------------------------------------------------------
+def test_less_forget_loss_by_hand():
+    new = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    old = torch.tensor([[1.0, 1.0], [0.0, 5.0]], requires_grad=True)
+    loss = less_forget_loss(new, old)
+    # cos = 1/sqrt(2) for the first pair, 1 for the second
+    assert loss.item() == pytest.approx((1 - 1 / math.sqrt(2) + 0.0) / 2, abs=1e-6)
+    # Same value as the authors' nn.CosineEmbeddingLoss with target 1.
+    reference = torch.nn.CosineEmbeddingLoss()(new, old, torch.ones(2))
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-6)
+    loss.backward()
+    assert old.grad is None and new.grad is not None
+
+
+def test_less_forget_weight_follows_eq7():
+    assert less_forget_weight(5.0, 50, 10) == pytest.approx(5 * math.sqrt(5))
+    assert less_forget_weight(10.0, 4, 2) == pytest.approx(10 * math.sqrt(2))
+    with pytest.raises(ValueError):
+        less_forget_weight(5.0, 4, 0)
+
+
+def test_margin_ranking_loss_by_hand():
+    cosines = torch.tensor([
+        [0.9, 0.1, 0.6, 0.2, 0.7],   # old class 0: gt 0.9, top-2 new 0.7, 0.6 -> 0.3, 0.2
+        [0.0, 0.3, -0.5, 0.1, 0.0],  # old class 1: gt 0.3, top-2 new 0.1, 0.0 -> 0.3, 0.2
+        [0.0, 0.0, 0.9, 0.8, 0.9],   # new class 3: not an old-class sample, ignored
+    ])
+    targets = torch.tensor([0, 1, 3])
+    loss = margin_ranking_loss(cosines, targets, n_old=2, margin=0.5, top_k=2)
+    assert loss.item() == pytest.approx((0.3 + 0.2 + 0.3 + 0.2) / 4, abs=1e-6)
+    # K=1 keeps only the hardest new class; a wide gap gives no loss; no old sample gives 0.
+    assert margin_ranking_loss(cosines, targets, 2, 0.5, top_k=1).item() == pytest.approx(0.3, abs=1e-6)
+    assert margin_ranking_loss(cosines, targets, 2, margin=0.05, top_k=2).item() == 0.0
+    assert margin_ranking_loss(cosines, torch.tensor([2, 3, 4]), 2).item() == 0.0
+
+
+def test_margin_ranking_matches_authors_formulation():
+    torch.manual_seed(0)
+    cosines = torch.rand(16, 7) * 2 - 1
+    targets = torch.randint(0, 7, (16,))
+    n_old, k, m = 4, 2, 0.5
+    hard = targets < n_old
+    gt = cosines[hard].gather(1, targets[hard, None]).repeat(1, k)
+    top = cosines[hard, n_old:].topk(k, dim=1).values
+    ones = torch.ones(int(hard.sum()) * k, 1)
+    reference = torch.nn.MarginRankingLoss(margin=m)(gt.reshape(-1, 1), top.reshape(-1, 1), ones)
+    assert margin_ranking_loss(cosines, targets, n_old, m, k).item() == pytest.approx(reference.item(), abs=1e-6)
+
+
+# -- the cosine head -------------------------------------------------------------------------
+def _experience(classes):
+    return SimpleNamespace(classes_in_this_experience=list(classes))
+
+
+def test_cosine_head_logits_are_eta_times_cosine():
+    head = CosineIncrementalClassifier(2, 2)
+    with torch.no_grad():
+        head.weight_new.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+        head.eta.fill_(2.0)
+    out = head(torch.tensor([[3.0, 4.0]]))
+    assert torch.allclose(out, torch.tensor([[2 * 0.6, 2 * 0.8]]))
+    assert head.eta.item() == 2.0 and CosineIncrementalClassifier(4, 3).eta.item() == 1.0
+
+
+def test_cosine_head_grows_and_splits_old_from_new():
+    head = CosineIncrementalClassifier(5, 3)  # 3 initial classes, not a hard-coded 5
+    assert head.num_classes == 3 and head.num_old == 0
+    head.train()
+    head.adaptation(_experience([0, 1, 2]))
+    assert head.num_old == 0 and head.num_classes == 3  # the base step trains every row
+    trained = head.weight.detach().clone()
+    head.adaptation(_experience([3, 4]))
+    assert head.num_old == 3 and head.weight_new.shape[0] == 2
+    assert torch.equal(head.weight_old.detach(), trained)
+    # Evaluating unseen classes widens the output but creates no weights.
+    head.eval()
+    head.adaptation(_experience([5, 6]))
+    out = head(torch.randn(4, 5))
+    assert out.shape == (4, 7) and head.num_classes == 5
+    assert torch.all(out[:, 5:] == head.mask_value) and torch.all(out[:, :5].abs() <= 1.0 + 1e-6)
+    head.train()
+    head.adaptation(_experience([5, 6]))
+    assert head.num_old == 5 and head.num_classes == 7
+
+
+def test_cosine_head_state_dict_round_trip_across_sizes():
+    head = CosineIncrementalClassifier(4, 2).train()
+    head.adaptation(_experience([0, 1]))
+    head.adaptation(_experience([2, 3, 4]))
+    fresh = CosineIncrementalClassifier(4, 2)
+    fresh.load_state_dict(head.state_dict())
+    x = torch.randn(3, 4)
+    assert torch.equal(fresh(x), head(x)) and fresh.num_old == 2 and int(fresh.trained_until) == 5
+
+
+def test_use_cosine_head_swaps_linear_head_keeping_directions():
+    model = IncrementalNet(MLP(6, [8]), 8, linear_head(8, 3))
+    linear_weight = model.classifier.classifier.weight.detach().clone()
+    head = use_cosine_head(model)
+    assert model.classifier is head and isinstance(head, CosineIncrementalClassifier)
+    assert torch.equal(head.weight_new.detach(), linear_weight) and head.out_features == 3
+    assert use_cosine_head(model) is head  # idempotent
+    with pytest.raises(TypeError):
+        use_cosine_head(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_imprinted_weights_direction_and_norm_by_hand():
+    features = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    labels = torch.tensor([2, 2, 3])
+    rows = imprinted_weights(features, labels, [2, 3], norm=3.0)
+    # class 2: normalised features (0.6, 0.8) and (0, 1) -> mean (0.3, 0.9) -> unit (1, 3)/sqrt(10)
+    assert torch.allclose(rows[0], torch.tensor([3.0, 9.0]) / math.sqrt(10), atol=1e-6)
+    assert torch.allclose(rows[1], torch.tensor([3.0, 0.0]))
+    head = CosineIncrementalClassifier(2, 0)
+    head.weight_old = torch.nn.Parameter(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))  # mean norm 3
+    head.weight_new = torch.nn.Parameter(torch.zeros(2, 2))
+    assert head.imprint(features, labels) == [2, 3]
+    assert torch.allclose(head.weight_new.detach(), rows)
+
+
+# -- the plugin on a digits stream -----------------------------------------------------------
+def _digits(first_exp_classes: int, classes_per_exp: int):
+    recipe = validate_recipe({"benchmark": {"name": "digits"}, "model": {"name": "mlp"}})
+    ctx = BuildContext(recipe=recipe, device=torch.device("cpu"))
+    options = {"first_exp_classes": first_exp_classes, "classes_per_exp": classes_per_exp}
+    return registry.build("benchmark", "digits", ctx, options).benchmark
+
+
+class Probe(SupervisedPlugin):
+    """Placed after UCIRPlugin: checks, at every step, what the paper's mechanics promise."""
+
+    def __init__(self, ucir: UCIRPlugin):
+        super().__init__()
+        self.ucir = ucir
+        self.steps: list[dict] = []
+
+    def before_training_exp(self, strategy, **kwargs):
+        head = self.ucir.head
+        step = {"old": head.weight_old.detach().clone(), "new": head.weight_new.detach().clone(),
+                "eta": head.eta.item(), "old_unchanged": True, "teacher_ok": True}
+        if head.num_old:
+            # Imprinted rows: direction of the mean normalised feature, norm of the old rows.
+            features, labels = extract_features(strategy.model, strategy.experience.dataset, "cpu")
+            for c in range(head.num_old, head.num_classes):
+                mean = F.normalize(F.normalize(features[labels == c], dim=1).mean(0), dim=0)
+                row = head.weight_new[c - head.num_old].detach()
+                step.setdefault("imprint_cos", []).append(float(F.cosine_similarity(row, mean, dim=0)))
+                old_norm = head.weight_old.norm(dim=1).mean().item()
+                step.setdefault("imprint_norm", []).append((row.norm().item(), old_norm))
+            step["teacher_params"] = [p.detach().clone() for p in self.ucir.teacher.parameters()]
+        self.steps.append(step)
+
+    def after_backward(self, strategy, **kwargs):
+        teacher = self.ucir.teacher
+        if teacher is not None:
+            self.steps[-1]["teacher_ok"] &= not any(m.training for m in teacher.modules())
+            self.steps[-1]["teacher_ok"] &= all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+            self.steps[-1]["student_training"] = strategy.model.training
+
+    def after_training_iteration(self, strategy, **kwargs):
+        old = self.ucir.head.weight_old.detach()
+        self.steps[-1]["old_unchanged"] &= torch.equal(old, self.steps[-1]["old"])
+
+    def after_training_epoch(self, strategy, **kwargs):
+        head = self.ucir.head
+        self.steps[-1]["new_after"] = head.weight_new.detach().clone()
+        self.steps[-1]["eta_after"] = head.eta.item()
+
+
+def _run_ucir(n_first: int, per_exp: int, epochs: int = 2, **options):
+    torch.manual_seed(0)
+    stream = _digits(n_first, per_exp)
+    model = IncrementalNet(MLP(64, [32]), 32, linear_head(32, n_first))
+    use_cosine_head(model)
+    # Large weight decay and momentum: any update reaching a frozen row would show.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+    memory = ExemplarMemory(per_class=10)
+    ucir = UCIRPlugin(memory, finetune=PhaseSchedule(epochs=2, lr=0.01, weight_decay=5e-4), **options)
+    probe = Probe(ucir)
+    strategy = Naive(model=model, optimizer=optimizer, train_mb_size=32, train_epochs=epochs, eval_mb_size=256,
+                     plugins=[ExemplarMemoryPlugin(memory), ucir, probe], evaluator=None)
+    for t, experience in enumerate(stream.train_stream):
+        strategy.train(experience)
+    return ucir, probe, strategy
+
+
+@pytest.fixture(scope="module")
+def ucir_run():
+    # 4 base classes, then two steps of 3: lambda = 5 sqrt(4/3), then 5 sqrt(7/3).
+    return _run_ucir(4, 3)
+
+
+def test_lambda_follows_the_formula_at_each_step(ucir_run):
+    ucir, _, _ = ucir_run
+    steps = ucir.summary()["steps"]
+    assert [(s["n_old"], s["n_new"]) for s in steps] == [(0, 4), (4, 3), (7, 3)]
+    assert "lambda" not in steps[0]
+    assert steps[1]["lambda"] == pytest.approx(5 * math.sqrt(4 / 3))
+    assert steps[2]["lambda"] == pytest.approx(5 * math.sqrt(7 / 3))
+
+
+def test_old_class_weights_do_not_change_during_a_step(ucir_run):
+    _, probe, _ = ucir_run
+    for step in probe.steps[1:]:
+        assert step["old"].shape[0] > 0 and step["old_unchanged"]
+        # ...while the new rows and eta did learn, with the same optimizer.
+        assert not torch.equal(step["new_after"], step["new"])
+        assert step["eta_after"] != step["eta"]
+
+
+def test_old_rows_move_when_freezing_is_off():
+    _, probe, _ = _run_ucir(4, 6, epochs=1, freeze_old=False, cb_finetune=False)
+    assert not probe.steps[1]["old_unchanged"]
+
+
+def test_imprinted_rows_have_the_class_mean_direction_and_old_norm(ucir_run):
+    _, probe, _ = ucir_run
+    for step in probe.steps[1:]:
+        assert all(c == pytest.approx(1.0, abs=1e-5) for c in step["imprint_cos"])
+        assert all(n == pytest.approx(ref, rel=1e-5) for n, ref in step["imprint_norm"])
+
+
+def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient(ucir_run):
+    ucir, probe, _ = ucir_run
+    for step in probe.steps[1:]:
+        assert step["teacher_ok"] and step["student_training"]
+    assert ucir.teacher is None  # released after each step
+
+
+def test_class_balanced_finetuning_ran_on_the_head_only(ucir_run):
+    ucir, _, strategy = ucir_run
+    steps = ucir.summary()["steps"]
+    assert "finetune_loss" not in steps[0]
+    assert all(len(s["finetune_loss"]) == 2 for s in steps[1:])
+    # After training, no hook is left on the model and old rows are trainable again.
+    head = ucir.head
+    assert not head._forward_pre_hooks and head.weight_old.requires_grad
+
+
+def test_recipe_validates_and_builder_swaps_the_head():
+    from cl_ext.runner import build_experiment
+
+    load_recipe(ROOT / "recipes" / "ucir.yaml")  # CIFAR-100 paper settings: options valid
+    recipe = load_recipe(ROOT / "recipes" / "ucir.yaml", [
+        "benchmark={name: digits, options: {classes_per_exp: 2}}", "model={name: mlp, options: {hidden: [16]}}",
+        "output.dir=/nonexistent",
+    ])
+    exp = build_experiment(recipe)
+    ucir = exp.named_plugins["ucir"]
+    assert isinstance(exp.ctx.model.classifier, CosineIncrementalClassifier)
+    assert ucir.finetune.weight_decay == 5e-4 and ucir.finetune_batch_size == 128
+    assert ucir.lambda_base == 5.0 and ucir.margin == 0.5 and ucir.top_k == 2
+    with pytest.raises(RecipeError, match="strategy.memory"):
+        build_experiment(load_recipe(ROOT / "recipes" / "ucir.yaml", [
+            "benchmark={name: digits}", "model={name: mlp}", "strategy.memory=null", "strategy.name=naive",
+            "evaluation.metrics=[incremental_accuracy]",
+        ]))
+
+
+def test_user_script_trains_and_evaluates():
+    spec = importlib.util.spec_from_file_location("ucir_avalanche", ROOT / "examples" / "ucir_avalanche.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(epochs=3, finetune_epochs=2)
+    assert len(results["cnn"]["seen_accuracy"]) == 5 and len(results["nme"]["seen_accuracy"]) == 5
+    assert results["cnn"]["average_incremental_accuracy"] > 0.85
+    assert [s.get("lambda") for s in results["ucir"]["steps"][1:]] == pytest.approx(
+        [5 * math.sqrt(k) for k in (1, 2, 3, 4)]
+    )
