@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from cl_ext.benchmarks.common import cap_per_class
-from cl_ext.benchmarks.vision import _torchvision_arrays
+from cl_ext.benchmarks.vision import torchvision_arrays
 from cl_ext.context import BenchmarkBundle, BenchmarkInfo, BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.registry import register
@@ -65,7 +65,7 @@ def build_permuted_mnist(
     """Task-incremental permuted MNIST (task labels 0..T-1, 10 classes per task); reads ROOT/mnist.npz if present."""
     if n_experiences < 1:
         raise RecipeError(f"benchmark.options.n_experiences: must be at least 1, got {n_experiences}")
-    data = _torchvision_arrays(datasets.MNIST, Path(root).expanduser(), download, "MNIST", "mnist.npz")
+    data = torchvision_arrays(datasets.MNIST, Path(root).expanduser(), download, "MNIST", "mnist.npz")
     x_train, x_test = torch.from_numpy(data["x_train"]), torch.from_numpy(data["x_test"])
     y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
     y_test = torch.as_tensor(data["y_test"], dtype=torch.long)

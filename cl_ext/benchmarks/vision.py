@@ -144,7 +144,7 @@ def build_npz(
     )
 
 
-def _torchvision_arrays(dataset_cls, root: Path, download: bool, what: str, npz_name: str) -> dict[str, np.ndarray]:
+def torchvision_arrays(dataset_cls, root: Path, download: bool, what: str, npz_name: str) -> dict[str, np.ndarray]:
     """Arrays from ``<root>/<npz_name>`` if present, else torchvision's files under ``root``."""
     npz = root / npz_name
     if npz.is_file():
@@ -180,7 +180,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
         class_order_seed: int | None = None,
         train_per_class: int | None = None,
     ) -> BenchmarkBundle:
-        data = _torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
+        data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
         return _arrays_bundle(
             ctx, name, data, stats=stats, augment=augment, first_exp_classes=first_exp_classes,
             classes_per_exp=classes_per_exp, class_order=class_order, class_order_seed=class_order_seed,
