@@ -49,8 +49,8 @@ class MultiStepLRWithoutVerbose(torch.optim.lr_scheduler.MultiStepLR):
         super().__init__(*args, **kwargs)
 
 
-METHODS = ("replay", "bic", "il2m", "avalanche_bic", "avalanche_bic_same_total")
-CORRECTIONS = {"bic": "bic_bias", "il2m": "il2m_rectifier"}
+METHODS = ("replay", "bic", "il2m", "il2m_logits", "avalanche_bic", "avalanche_bic_same_total")
+CORRECTIONS = {"bic": "bic_bias", "il2m": "il2m_rectifier", "il2m_logits": "il2m_rectifier"}
 
 
 def recipe(args, method: str, seed: int):
@@ -63,7 +63,8 @@ def recipe(args, method: str, seed: int):
         }}
     ours = not method.startswith("avalanche")
     plugins = {"bic": [{"name": "bic", "options": {"stage2_epochs": args.stage2_epochs}}],
-               "il2m": [{"name": "il2m"}]}.get(method, [])
+               "il2m": [{"name": "il2m"}],
+               "il2m_logits": [{"name": "il2m", "options": {"scores": "logits"}}]}.get(method, [])
     return validate_recipe({
         "seed": seed,
         "device": "cpu",
@@ -94,11 +95,14 @@ def correction_off(model: nn.Module, name: str):
 
 
 @torch.no_grad()
+@torch.random.fork_rng(devices=[])
 def step_stats(model, test_stream, newest_start: int, transform=None) -> dict[str, float | None]:
     """Old/new accuracy and newest-class prediction share on the test data seen so far.
 
     ``transform`` post-processes the outputs, for Avalanche's plugin, which corrects
     ``strategy.mb_output`` in its ``after_eval_forward`` instead of the model's outputs.
+    The RNG is forked (DataLoaders draw a seed from it), so measuring twice for the
+    correcting methods leaves their training identical to replay's with the same seed.
     """
     was_training = model.training
     model.eval()
@@ -116,6 +120,7 @@ def step_stats(model, test_stream, newest_start: int, transform=None) -> dict[st
         "old_accuracy": float(correct[~new].mean()) if (~new).any() else None,
         "new_accuracy": float(correct[new].mean()),
         "new_prediction_share": float((p >= newest_start).float().mean()),
+        "new_target_share": float(new.float().mean()),
     }
 
 
@@ -213,6 +218,43 @@ def print_tables(runs: list[dict], seeds: list[int]) -> None:
                   f"{'-' if beta is None else f'{beta:.3f}'} |")
 
 
+def plot_bias(runs: list[dict], path: Path, title: str) -> None:
+    """Per step, mean over seeds: newest-class prediction share, old and new accuracy, raw (dashed) and corrected."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("new_prediction_share", "share of predictions in the newest classes (%)"),
+              ("old_accuracy", "old-class accuracy (%)"), ("new_accuracy", "new-class accuracy (%)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    steps = list(range(1, len(runs[0]["steps"])))
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (key, label) in zip(axes, panels):
+        for method in METHODS:
+            rs = [r for r in runs if r["method"] == method]
+            if not rs:
+                continue
+            for kind, style in (("corrected", "-"), ("raw", "--")):
+                if not all(kind in r["steps"][t] for r in rs for t in steps):
+                    continue
+                values = [100 * np.mean([r["steps"][t][kind][key] for r in rs]) for t in steps]
+                name = method if kind == "corrected" or method == "replay" else f"{method} (correction off)"
+                ax.plot(steps, values, style, marker="o", color=colours[method], label=name)
+        if key == "new_prediction_share":
+            truth = [100 * np.mean([r["steps"][t]["corrected"]["new_target_share"] for r in runs]) for t in steps]
+            ax.plot(steps, truth, ":", color="black", label="unbiased (newest classes' share of the test set)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", choices=("digits", "mnist"), default="digits")
@@ -232,6 +274,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="save the per-step bias plot (PNG) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = []
@@ -242,6 +285,9 @@ def main() -> None:
                   f"final {100 * result['final_accuracy']:.2f}%  {result['wall_time_s']:.1f}s", flush=True)
             runs.append(result)
     print_tables(runs, args.seeds)
+    if args.plot is not None:
+        plot_bias(runs, args.plot, f"{args.benchmark}: {len(runs[0]['steps'])} steps, memory {args.memory} "
+                  f"({args.selection}), mean over seeds {args.seeds}")
     if args.out is not None:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs}, indent=1))
 

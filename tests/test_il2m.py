@@ -12,7 +12,9 @@ from torch import nn
 from cl_ext.config import validate_recipe
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import output_logits
-from cl_ext.plugins.il2m import IL2MPlugin, il2m_scale, mean_true_class_score, rectify_scores
+from cl_ext.plugins.il2m import (
+    IL2MPlugin, il2m_scale, mean_true_class_score, rectify_logits, rectify_softmax,
+)
 from cl_ext.runner import build_experiment
 
 torch.set_num_threads(1)
@@ -29,11 +31,11 @@ def softmax(row):
     return [e / sum(exps) for e in exps]
 
 
-def test_rectifies_only_when_top1_is_new():
+def test_softmax_rectifies_only_when_top1_is_new():
     # Units 0, 1 are old, unit 2 is new.
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.5]], dtype=torch.float64)
     scale = torch.tensor([2.0, 3.0], dtype=torch.float64)
-    out = rectify_scores(logits, scale).exp()
+    out = rectify_softmax(logits, scale).exp()
     assert out[0].tolist() == pytest.approx(softmax([2.0, 0.0, 1.0]))  # top-1 old: untouched
     p = softmax([0.0, 1.0, 3.0])
     assert out[1].tolist() == pytest.approx([2 * p[0], 3 * p[1], p[2]])
@@ -43,13 +45,30 @@ def test_rectifies_only_when_top1_is_new():
     assert out.argmax(1).tolist() == [0, 2, 0]
 
 
+def test_logits_rectifies_positive_old_scores_when_top1_is_new():
+    # Units 0, 1 are old, unit 2 is new; factors 2 and 3.
+    logits = torch.tensor([
+        [2.0, 0.5, 1.0],    # top-1 old: untouched
+        [1.0, -1.0, 2.5],   # top-1 new: 1 -> 2 (no flip), the negative old logit stays -1
+        [1.0, 0.75, 2.0],   # top-1 new: 1 -> 2, 0.75 -> 2.25 flips the prediction to unit 1
+        [-2.0, -3.0, -1.0],  # top-1 new but not positive: no ratio is meaningful, untouched
+    ], dtype=torch.float64)
+    out = rectify_logits(logits, torch.tensor([2.0, 3.0], dtype=torch.float64))
+    expected = [[2.0, 0.5, 1.0], [2.0, -1.0, 2.5], [2.0, 2.25, 2.0], [-2.0, -3.0, -1.0]]
+    assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64))
+    assert out.argmax(1).tolist() == [0, 2, 1, 2]
+
+
 def test_scale_by_hand():
     scale = il2m_scale(
         torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.4]), 0.95, torch.tensor([0.9, 0.85])
     )
     assert scale.tolist() == pytest.approx([0.9 / 0.3 * 0.95 / 0.9, 0.8 / 0.4 * 0.95 / 0.85])
-    # A score that underflowed to 0 gives a large but finite factor.
-    assert torch.isfinite(il2m_scale(torch.tensor([0.5]), torch.tensor([0.0]), 1.0, torch.tensor([1.0]))).all()
+    # Ratios are only defined between positive statistics: otherwise the class keeps factor 1.
+    undefined = il2m_scale(
+        torch.tensor([5.0, -1.0, 4.0]), torch.tensor([0.0, 2.0, -0.5]), 6.0, torch.tensor([5.0, 5.0, 5.0])
+    )
+    assert undefined.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_mean_true_class_score_by_hand():
@@ -68,7 +87,7 @@ def test_rectifier_is_not_in_the_model_state_dict():
     assert torch.equal(model(x), nn.functional.linear(x, model.weight, model.bias))  # no factors yet: raw
     plugin.rectifier.set(torch.tensor([2.0, 0.5]))
     raw = nn.functional.linear(x, model.weight, model.bias)
-    assert torch.allclose(model(x), rectify_scores(raw, torch.tensor([2.0, 0.5])))
+    assert torch.allclose(model(x), rectify_softmax(raw, torch.tensor([2.0, 0.5])))
 
 
 # -- the plugin end to end ----------------------------------------------------------------
@@ -94,8 +113,8 @@ class Spy(SupervisedPlugin):
         self.eval_batches.append((strategy.mb_x.clone(), strategy.mb_output.clone()))
 
 
-@pytest.fixture(scope="module")
-def il2m_run():
+@pytest.fixture(scope="module", params=["logits", "softmax"])
+def il2m_run(request):
     recipe = validate_recipe({
         "seed": 0,
         "device": "cpu",
@@ -107,7 +126,7 @@ def il2m_run():
             "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
             "memory": {"size": 60, "selection": "random"},
         },
-        "plugins": [{"name": "il2m"}],
+        "plugins": [{"name": "il2m", "options": {"scores": request.param}}],
         "output": {"report": False, "checkpoint": False},
     })
     exp = build_experiment(recipe)
@@ -121,16 +140,16 @@ def il2m_run():
     return exp, exp.named_plugins["il2m"], spy
 
 
-def true_class_means(model, dataset, n_classes):
-    """Mean true-class softmax score per class, recomputed here (eval mode, rectifier off)."""
+def true_class_means(model, dataset, n_classes, scores):
+    """Mean true-class score per class and mean top-1 score, recomputed here (eval mode, rectifier off)."""
     saved = model.il2m_rectifier.scale.clone()
     model.il2m_rectifier.reset()
     try:
         logits, targets = extract_features(model, dataset, "cpu", output_logits)
     finally:
         model.il2m_rectifier.set(saved)
-    scores = torch.softmax(logits.double(), 1)
-    return mean_true_class_score(scores, targets, n_classes), scores.max(1).values.mean().item()
+    values = logits.double() if scores == "logits" else torch.softmax(logits.double(), 1)
+    return mean_true_class_score(values, targets, n_classes), values.max(1).values.mean().item()
 
 
 def test_training_sees_raw_logits(il2m_run):
@@ -144,11 +163,12 @@ def test_statistics_and_factors(il2m_run):
     assert plugin.class_step.tolist() == [0, 0, 1, 1, 2, 2]
     assert len(plugin.confidence) == 3
     # The newest classes' statistics come from the final model on their training data.
-    newest_mean, confidence = true_class_means(model, stream[2].dataset, 6)
+    scores = plugin.rectifier.scores
+    newest_mean, confidence = true_class_means(model, stream[2].dataset, 6, scores)
     assert plugin.init_mean[4:].tolist() == pytest.approx(newest_mean[4:].tolist())
     assert plugin.confidence[2] == pytest.approx(confidence)
     # Old classes are measured on their exemplars in the current model.
-    current_mean, _ = true_class_means(model, exp.ctx.memory.dataset(range(4)), 4)
+    current_mean, _ = true_class_means(model, exp.ctx.memory.dataset(range(4)), 4, scores)
     confidence_then = torch.tensor(plugin.confidence)[[0, 0, 1, 1]]
     expected = plugin.init_mean[:4] / current_mean * plugin.confidence[2] / confidence_then
     assert plugin.rectifier.scale.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
@@ -158,14 +178,16 @@ def test_evaluation_scores_rectified_outputs(il2m_run):
     exp, plugin, spy = il2m_run
     model = exp.ctx.model.eval()
     scale = plugin.rectifier.scale
+    logits = plugin.rectifier.scores == "logits"
     rectified_rows = 0
     for x, scored in spy.eval_batches:
         with torch.no_grad():
             raw = raw_logits(model, x)
-        assert torch.allclose(scored, rectify_scores(raw, scale), atol=1e-5)
+        assert torch.allclose(scored, (rectify_logits if logits else rectify_softmax)(raw, scale), atol=1e-5)
         top1_new = raw.argmax(1) >= 4
-        # Rows whose top-1 is old keep their softmax scores exactly.
-        assert torch.allclose(scored[~top1_new], torch.log_softmax(raw[~top1_new], 1), atol=1e-6)
+        # Rows whose top-1 is old keep their scores exactly (raw, or log-softmax).
+        unrectified = raw if logits else torch.log_softmax(raw, 1)
+        assert torch.allclose(scored[~top1_new], unrectified[~top1_new], atol=1e-6)
         rectified_rows += int(top1_new.sum())
     assert rectified_rows > 0
 
@@ -176,7 +198,7 @@ def test_summary_and_state_round_trip(il2m_run):
     assert [s["old_classes"] for s in summary["steps"]] == [2, 4]
     assert len(summary["init_mean_score"]) == 6
     model = nn.Linear(2, 6)
-    clone = IL2MPlugin(model, ExemplarMemory(size=60))
+    clone = IL2MPlugin(model, ExemplarMemory(size=60), scores=plugin.rectifier.scores)
     clone.load_state_dict(plugin.state_dict())
     assert clone.rectifier.scale.tolist() == pytest.approx(plugin.rectifier.scale.tolist())
     assert clone.class_step.tolist() == [0, 0, 1, 1, 2, 2]

@@ -17,18 +17,30 @@ score is rectified (the paper's rectification rule, as in the reference ``il2m.p
 
     s'(c) = s(c) * mu_init(c) / mu_now(c) * conf(t) / conf(step of c)
 
-Scores are softmax probabilities over the seen classes (the reference code rectifies raw
-logits, whose sign can flip the meaning of a ratio; probabilities keep it well defined), all
-statistics come from the model in eval mode on the eval transforms, and the rectification
-is vectorised. The model then outputs the *log* of the rectified scores: the same ranking,
-and a valid input for a cross-entropy metric. The rectifier is attached to the model
+Which scores are rescaled (``scores``):
+
+- ``"softmax"`` (default): probabilities over the seen classes, positive by construction, so
+  every ratio and every rescaling means what it says; the model then outputs the *log* of the
+  rectified scores (same ranking, still a valid input for a cross-entropy metric).
+- ``"logits"``, the authors' code: the raw outputs. A ratio of scores only means something
+  between positive numbers, so the rule is applied where it is well defined: the factor of a
+  class whose statistics are not all positive is 1, a row is rectified only when its new
+  top-1 logit is positive, and only positive old-class logits are multiplied (a negative one
+  could not overtake a positive top-1 whatever the factor, and multiplying it by a factor > 1
+  would lower it, the opposite of the intent). Logit magnitudes keep more of what IL2M
+  measures than saturated probabilities, and the factors are larger: in the runs of
+  ``docs/methods/il2m.md`` this gains more on some seeds and over-corrects on others, where
+  softmax scores never did worse than no rectification.
+
+All statistics come from the model in eval mode on the eval transforms, and the
+rectification is vectorised. The rectifier is attached to the model
 (:mod:`cl_ext.plugins.correction`) so every evaluator scores the rectified outputs; it is
 switched off while the next step trains.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +52,8 @@ from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
+
+Scores = Literal["logits", "softmax"]
 
 
 # -- pure functions ------------------------------------------------------------------------
@@ -57,12 +71,33 @@ def il2m_scale(
     confidence_now: float,
     confidence_then: torch.Tensor,
 ) -> torch.Tensor:
-    """The rectification factor per old class: ``mu_init / mu_now * conf(now) / conf(step the class was learned)``."""
-    tiny = torch.finfo(current_mean.dtype).tiny  # a softmax score can underflow to 0
-    return init_mean / current_mean.clamp_min(tiny) * confidence_now / confidence_then
+    """The rectification factor per old class: ``mu_init / mu_now * conf(now) / conf(step the class was learned)``.
+
+    Ratios are only defined between positive statistics; a class with any statistic <= 0
+    (e.g. a forgotten class whose mean score fell to 0 or below) keeps the factor 1.
+    """
+    confidence_now = torch.as_tensor(confidence_now, dtype=current_mean.dtype)
+    confidence_then = confidence_then.to(current_mean.dtype)
+    defined = (init_mean > 0) & (current_mean > 0) & (confidence_then > 0) & (confidence_now > 0)
+    factor = init_mean / current_mean.where(defined, 1.0) * confidence_now / confidence_then.where(defined, 1.0)
+    return factor.where(defined, torch.ones_like(factor))
 
 
-def rectify_scores(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def rectify_logits(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """IL2M's rule on raw outputs; old classes are the first ``len(scale)`` units.
+
+    In rows whose top-1 class is new and whose top-1 logit is positive, the positive
+    old-class logits are multiplied by ``scale``; everything else is returned unchanged.
+    """
+    n_old = scale.numel()
+    top = logits.max(dim=1, keepdim=True)
+    rows = (top.indices >= n_old) & (top.values > 0)
+    old = logits[:, :n_old]
+    rectified = torch.where(rows & (old > 0), old * scale.to(old.dtype), old)
+    return torch.cat([rectified, logits[:, n_old:]], dim=1)
+
+
+def rectify_softmax(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Log of IL2M's rectified softmax scores; old classes are the first ``len(scale)`` units.
 
     Rows whose top-1 class is new get their old-class scores multiplied by ``scale``; the
@@ -75,12 +110,23 @@ def rectify_scores(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return log_scores + top1_is_new * log_factor
 
 
+def class_scores(logits: torch.Tensor, scores: Scores) -> torch.Tensor:
+    """The scores IL2M measures and rescales: raw ``logits`` or their softmax, in float64."""
+    return logits.double() if scores == "logits" else F.softmax(logits.double(), dim=1)
+
+
+RECTIFY = {"logits": rectify_logits, "softmax": rectify_softmax}
+
+
 # -- the rectifier ------------------------------------------------------------------------
 class ScoreRectifier(nn.Module):
-    """Applies :func:`rectify_scores` with the current factors; passes logits through when it has none."""
+    """Applies IL2M's rectification with the current factors; passes logits through when it has none."""
 
-    def __init__(self):
+    def __init__(self, scores: Scores = "softmax"):
         super().__init__()
+        if scores not in RECTIFY:
+            raise ValueError(f"scores must be one of {sorted(RECTIFY)}, got {scores!r}")
+        self.scores = scores
         self.register_buffer("scale", torch.ones(0), persistent=False)
 
     def set(self, scale: torch.Tensor) -> None:
@@ -92,10 +138,10 @@ class ScoreRectifier(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         if self.scale.numel() == 0:
             return logits
-        return rectify_scores(logits, self.scale)
+        return RECTIFY[self.scores](logits, self.scale)
 
     def extra_repr(self) -> str:
-        return f"old_classes={self.scale.numel()}"
+        return f"scores={self.scores}, old_classes={self.scale.numel()}"
 
 
 # -- the plugin -----------------------------------------------------------------------------
@@ -105,12 +151,14 @@ class IL2MPlugin(SupervisedPlugin):
     Attaches a :class:`ScoreRectifier` to ``model`` as ``model.il2m_rectifier``.
     """
 
-    def __init__(self, model: nn.Module, memory: ExemplarMemory, batch_size: int = 256):
+    def __init__(self, model: nn.Module, memory: ExemplarMemory, scores: Scores = "softmax", batch_size: int = 256):
         super().__init__()
         self.model = model
         self.memory = memory
         self.batch_size = batch_size
-        self.rectifier = attach_output_transform(model, "il2m_rectifier", ScoreRectifier())
+        self.rectifier = attach_output_transform(model, "il2m_rectifier", ScoreRectifier(scores))
+        if self.rectifier.scores != scores:
+            raise ValueError(f"the model's rectifier already uses scores={self.rectifier.scores!r}")
         self.init_mean = torch.zeros(0, dtype=torch.float64)  # mu_init per class, in unit order
         self.class_step = torch.zeros(0, dtype=torch.long)  # the step that learned each class
         self.confidence: list[float] = []  # conf(s) per step
@@ -149,15 +197,22 @@ class IL2MPlugin(SupervisedPlugin):
             "scale_min": float(scale.min()),
             "scale_mean": float(scale.mean()),
             "scale_max": float(scale.max()),
+            "undefined_factors": int(((self.init_mean[:start] <= 0) | (current_mean <= 0)).sum()),
         })
 
     def _scores(self, strategy, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, targets = extract_features(strategy.model, dataset, strategy.device, output_logits, self.batch_size)
-        return F.softmax(logits.double(), dim=1), targets.long()
+        # IL2M only measures; a DataLoader draws its seed from the global generator, so the fork
+        # keeps training identical to plain rehearsal with the same seed (a paired comparison).
+        with torch.random.fork_rng(devices=[]):
+            logits, targets = extract_features(
+                strategy.model, dataset, strategy.device, output_logits, self.batch_size
+            )
+        return class_scores(logits, self.rectifier.scores), targets.long()
 
     # -- reporting and persistence ---------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         return {
+            "scores": self.rectifier.scores,
             "confidence_per_step": self.confidence,
             "init_mean_score": self.init_mean.tolist(),
             "steps": self.history,
@@ -165,6 +220,7 @@ class IL2MPlugin(SupervisedPlugin):
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "scores": self.rectifier.scores,
             "init_mean": self.init_mean.tolist(),
             "class_step": self.class_step.tolist(),
             "confidence": self.confidence,
@@ -173,6 +229,9 @@ class IL2MPlugin(SupervisedPlugin):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("scores", "softmax")  # states saved before the option existed used softmax
+        if saved != self.rectifier.scores:
+            raise ValueError(f"this IL2M state was measured with scores={saved!r}, the plugin uses {self.rectifier.scores!r}")
         self.init_mean = torch.tensor(state["init_mean"], dtype=torch.float64)
         self.class_step = torch.tensor(state["class_step"], dtype=torch.long)
         self.confidence = list(state["confidence"])
@@ -181,11 +240,11 @@ class IL2MPlugin(SupervisedPlugin):
 
 
 @register("plugin", "il2m")
-def build_il2m(ctx: BuildContext) -> IL2MPlugin:
+def build_il2m(ctx: BuildContext, scores: Scores = "softmax") -> IL2MPlugin:
     """IL2M (Belouadah & Popescu 2019): rescales old-class scores with stored class statistics."""
     if ctx.memory is None:
         raise RecipeError(
             "plugin 'il2m' needs strategy.memory: it measures old classes on their exemplars "
             "(e.g. strategy.name: replay, strategy.memory: {size: 2000, selection: herding})"
         )
-    return IL2MPlugin(ctx.model, ctx.memory, batch_size=ctx.recipe.strategy.eval_batch_size)
+    return IL2MPlugin(ctx.model, ctx.memory, scores=scores, batch_size=ctx.recipe.strategy.eval_batch_size)
