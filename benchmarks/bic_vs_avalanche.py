@@ -227,7 +227,7 @@ def plot_bias(runs: list[dict], path: Path, title: str) -> None:
 
     panels = (("new_prediction_share", "share of predictions in the newest classes (%)"),
               ("old_accuracy", "old-class accuracy (%)"), ("new_accuracy", "new-class accuracy (%)"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     steps = list(range(1, len(runs[0]["steps"])))
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (key, label) in zip(axes, panels):
@@ -248,9 +248,10 @@ def plot_bias(runs: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -289,7 +290,7 @@ def main() -> None:
         plot_bias(runs, args.plot, f"{args.benchmark}: {len(runs[0]['steps'])} steps, memory {args.memory} "
                   f"({args.selection}), mean over seeds {args.seeds}")
     if args.out is not None:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs}, indent=1))
+        args.out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
 
 
 if __name__ == "__main__":
