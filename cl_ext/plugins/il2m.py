@@ -65,6 +65,13 @@ def mean_true_class_score(scores: torch.Tensor, targets: torch.Tensor, n_classes
     return sums / counts
 
 
+def defined_factors(
+    init_mean: torch.Tensor, current_mean: torch.Tensor, confidence_now: float, confidence_then: torch.Tensor
+) -> torch.Tensor:
+    """Per old class: whether its factor is defined, i.e. all four statistics are positive."""
+    return (init_mean > 0) & (current_mean > 0) & (confidence_then > 0) & (confidence_now > 0)
+
+
 def il2m_scale(
     init_mean: torch.Tensor,
     current_mean: torch.Tensor,
@@ -76,11 +83,9 @@ def il2m_scale(
     Ratios are only defined between positive statistics; a class with any statistic <= 0
     (e.g. a forgotten class whose mean score fell to 0 or below) keeps the factor 1.
     """
-    confidence_now = torch.as_tensor(confidence_now, dtype=current_mean.dtype)
-    confidence_then = confidence_then.to(current_mean.dtype)
-    defined = (init_mean > 0) & (current_mean > 0) & (confidence_then > 0) & (confidence_now > 0)
-    factor = init_mean / current_mean.where(defined, 1.0) * confidence_now / confidence_then.where(defined, 1.0)
-    return factor.where(defined, torch.ones_like(factor))
+    factor = init_mean / current_mean * confidence_now / confidence_then.to(current_mean.dtype)
+    defined = defined_factors(init_mean, current_mean, confidence_now, confidence_then)
+    return torch.where(defined, factor, torch.ones_like(factor))
 
 
 def rectify_logits(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -185,10 +190,11 @@ class IL2MPlugin(SupervisedPlugin):
         if current_mean.isnan().any():
             missing = torch.nonzero(current_mean.isnan()).flatten().tolist()
             raise RuntimeError(f"IL2M found no exemplars of old classes {missing[:5]} in the memory")
-        scale = il2m_scale(
+        statistics = (
             self.init_mean[:start], current_mean, self.confidence[step],
-            torch.tensor(self.confidence)[self.class_step[:start]],
+            torch.tensor(self.confidence, dtype=torch.float64)[self.class_step[:start]],
         )
+        scale = il2m_scale(*statistics)
         self.rectifier.set(scale)
         self.history.append({
             "experience": strategy.experience.current_experience,
@@ -197,7 +203,7 @@ class IL2MPlugin(SupervisedPlugin):
             "scale_min": float(scale.min()),
             "scale_mean": float(scale.mean()),
             "scale_max": float(scale.max()),
-            "undefined_factors": int(((self.init_mean[:start] <= 0) | (current_mean <= 0)).sum()),
+            "undefined_factors": int((~defined_factors(*statistics)).sum()),
         })
 
     def _scores(self, strategy, dataset) -> tuple[torch.Tensor, torch.Tensor]:
