@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +20,7 @@ from rich.table import Table
 from cl_ext import registry
 from cl_ext.config import load_recipe, recipe_to_dict
 from cl_ext.errors import CLExtError
+from cl_ext.progress import listening
 
 app = typer.Typer(
     help=(
@@ -49,9 +54,13 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(1)
+def _fail(message: str, debug: bool = False, code: int = 1) -> None:
+    """Print one error message (and, with --debug, the traceback of the exception being handled); exit."""
+    if debug and sys.exc_info()[0] is not None:
+        err_console.print_exception()
+    err_console.print("[bold red]error:[/] ", end="", highlight=False, markup=True)
+    err_console.print(message, highlight=False, markup=False)
+    raise typer.Exit(code)
 
 
 def _fmt(value) -> str:
@@ -60,58 +69,113 @@ def _fmt(value) -> str:
 
 @app.command()
 def run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/ and docs/recipes.md).")],
-    overrides: SetOption = None,
-    threads: Annotated[
-        Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice).")
+    recipe: Annotated[
+        Optional[Path], typer.Argument(help="Recipe YAML file (see recipes/ and docs/recipes.md).")
     ] = None,
+    overrides: SetOption = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", metavar="RUN_DIR",
+        help=("Continue an interrupted run from its last checkpoint; the result is the same, bit for bit, "
+              "as a run that was never interrupted. Refused if the recipe or the code changed."),
+    )] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")] = False,
 ) -> None:
     """Train and evaluate a recipe experience by experience, and write a run directory.
 
-    The run directory (output.dir/NAME-TIMESTAMP) holds the resolved recipe.yaml,
+    The run directory (output.dir/NAME-seedSEED-TIMESTAMP) holds the resolved recipe.yaml,
     environment.json, metrics.json (accuracy matrix, average incremental accuracy, ...),
-    steps.csv and checkpoint.pt, rewritten after every experience, and at the end
-    report.html and report.md (switch off with --set output.report=false).
+    steps.csv, run.log (one line per epoch and phase) and checkpoint.pt (everything needed to
+    resume), rewritten after every experience, and at the end report.html and report.md
+    (switch off with --set output.report=false). Ctrl-C or a crash keeps every finished
+    experience and prints the command that resumes the run; see docs/runs.md.
 
-    Example: cl-ext run recipes/quickstart.yaml --set seed=1
+    Examples:
+
+      cl-ext run recipes/quickstart.yaml --set seed=1
+
+      cl-ext run --resume runs/quickstart-seed1-20261201-120000
     """
     from cl_ext.report import finish_run
-    from cl_ext.runner import build_experiment, new_run_dir, run_experiment
+    from cl_ext.runner import build_experiment, new_run_dir, resume_experiment, run_experiment
 
+    if recipe is None and resume is None:
+        _fail("give a RECIPE to start a run, or --resume RUN_DIR to continue one (cl-ext run --help)")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    source = str(resume if resume is not None else recipe)
     try:
-        parsed = load_recipe(recipe, overrides or [])
         with console.status("building benchmark, model and strategy..."):
-            experiment = build_experiment(parsed)
+            if resume is not None:
+                experiment = resume_experiment(resume, overrides or [], recipe)
+            else:
+                experiment = build_experiment(load_recipe(recipe, overrides or []))
     except CLExtError as err:
         message = str(err)
-        _fail(message if message.startswith(str(recipe)) else f"{recipe}: {message}")
-    except (ValueError, TypeError, RuntimeError, OSError) as err:
-        _fail(f"{recipe}: could not build the experiment: {err}")
+        _fail(message if message.startswith(source) else f"{source}: {message}")
+    except (ValueError, OSError) as err:
+        _fail(f"{source}: could not build the experiment: {err}", debug)
+    except Exception as err:
+        _fail(f"{source}: {type(err).__name__} while building the experiment: {err}\n"
+              "This looks like a bug in cl-ext or in a plugin rather than in the recipe; "
+              "--debug shows the traceback.", debug)
+    parsed = experiment.recipe
     info = experiment.ctx.info
-    run_dir = new_run_dir(parsed)
-    console.print(
-        f"[bold]{parsed.output.name}[/]: {info.name}, {info.n_experiences} experiences "
-        f"({'+'.join(map(str, info.classes_per_exp)) if len(set(info.classes_per_exp)) > 1 else info.classes_per_exp[0]} "
-        f"classes each), strategy {parsed.strategy.name}"
+    run_dir = resume if resume is not None else new_run_dir(parsed)
+    log = RunLog(run_dir / "run.log", echo=not console.is_terminal)
+    sizes = info.classes_per_exp
+    log.line(
+        f"{parsed.output.name}: {info.name}, {info.n_experiences} experiences "
+        f"({'+'.join(map(str, sizes)) if len(set(sizes)) > 1 else sizes[0]} classes each), "
+        f"strategy {parsed.strategy.name}"
         + (f" + {', '.join(p.name for p in parsed.plugins)}" if parsed.plugins else "")
-        + f", device {experiment.ctx.device}\nrun directory: {run_dir}"
+        + f", device {experiment.ctx.device}, seed {parsed.seed}\nrun directory: {run_dir}",
+        always=True,
     )
+    if resume is not None:
+        inside = experiment.checkpoint
+        log.line(
+            f"resuming after experience {experiment.completed}/{info.n_experiences}"
+            + (f", epoch {inside['epoch']} of experience {experiment.completed + 1}" if inside else ""),
+            always=True,
+        )
     table = Table(title=f"{parsed.output.name}: accuracy (%) after each experience")
     for column in ("step", "classes", "seen", "old", "new", "avg incr.", "time (s)"):
         table.add_column(column, justify="right")
+    current = {"experience": experiment.completed}
 
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("training", total=None)
+    ) as bar:
+        task = bar.add_task("training", total=None)
+        log.console = bar.console
 
         def on_progress(step: int, done: int, total: int) -> None:
-            progress.update(task, description=f"experience {step + 1}/{info.n_experiences}", completed=done, total=total)
+            current["experience"] = step
+            bar.update(task, description=f"experience {step + 1}/{info.n_experiences}: training",
+                       completed=done, total=total)
+
+        def on_epoch(report) -> None:
+            log.line(
+                f"experience {report.experience + 1}/{report.n_experiences} epoch {report.epoch}/{report.epochs}: "
+                f"loss {report.loss:.4f}, {report.images_per_s:.0f} images/s ({report.seconds:.1f} s)"
+            )
+
+        def on_phase(event) -> None:
+            where = f"experience {current['experience'] + 1}/{info.n_experiences}: {event.name}"
+            if event.kind == "start":
+                phase_start[event.name] = time.perf_counter()
+                bar.update(task, description=where, completed=0, total=event.total)
+            elif event.kind == "advance":
+                bar.update(task, completed=event.done)
+            else:
+                seconds = time.perf_counter() - phase_start.pop(event.name, time.perf_counter())
+                log.line(f"{where}" + (f": {event.note}" if event.note else "") + f" ({seconds:.1f} s)")
 
         def on_step(result) -> None:
             m, t = result.metrics, result.step
@@ -119,16 +183,21 @@ def run(
             row = (str(t), str(result.classes_seen), _fmt(m["seen_accuracy"][t]), _fmt(m["old_accuracy"][t]),
                    _fmt(m["new_accuracy"][t]), _fmt(aia), f"{result.wall_time:.1f}")
             table.add_row(*row)
-            progress.console.print(
+            log.line(
                 f"experience {t + 1}/{info.n_experiences}: seen {row[2]}%  old {row[3]}%  new {row[4]}%  "
-                f"({row[6]} s)", highlight=False,
+                f"({row[6]} s)", always=True,
             )
 
+        phase_start: dict[str, float] = {}
         try:
-            metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress)
-        except KeyboardInterrupt:
-            _fail(f"interrupted; the finished experiences are saved in {run_dir}")
+            with listening(on_phase):
+                metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress,
+                                         on_epoch=on_epoch)
+        except BaseException as err:  # Ctrl-C included: close the loggers, report what finished
+            bar.stop()
+            _stopped(err, experiment, run_dir, log, debug, finish_run)
     reports = finish_run(experiment, run_dir)
+    log.close()
     console.print(table)
     console.print(
         f"average incremental accuracy {_fmt(metrics['average_incremental_accuracy'])}% "
@@ -137,6 +206,49 @@ def run(
         f"results: {run_dir / 'metrics.json'}"
         + "".join(f"\nreport: {path}" for path in reports)
     )
+
+
+class RunLog:
+    """Progress lines into RUN_DIR/run.log, and onto the console when it is not a terminal
+    (where the live progress bar is not shown); ``always`` lines go to the console anyway."""
+
+    def __init__(self, path: Path, echo: bool):
+        self.file = open(path, "a", buffering=1)
+        self.echo = echo
+        self.console = console
+
+    def line(self, text: str, always: bool = False) -> None:
+        self.file.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}\n")
+        if always or self.echo:
+            self.console.print(text, highlight=False, markup=False)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: bool, finish_run) -> None:
+    """A run that did not finish: report what did, finish the loggers, say how to go on, exit."""
+    interrupted = isinstance(err, KeyboardInterrupt)
+    try:
+        finish_run(experiment, run_dir)
+    except Exception as report_err:  # the run's own error matters more
+        log.line(f"could not write the report or close the loggers: {report_err}", always=True)
+    done = json.loads((run_dir / "metrics.json").read_text())["completed_experiences"] \
+        if (run_dir / "metrics.json").is_file() else 0
+    kept = f"{done}/{experiment.ctx.info.n_experiences} experiences finished and saved in {run_dir}"
+    resume = f"resume with: cl-ext run --resume {run_dir}"
+    if interrupted:
+        message = f"interrupted; {kept}; {resume}"
+    elif isinstance(err, CLExtError):
+        message = f"the run stopped: {err}\n{kept}"
+    else:
+        message = f"the run stopped: {type(err).__name__}: {err}\n{kept}; {resume}" + (
+            "" if debug else "\n--debug shows the traceback")
+    log.line(message)
+    log.close()
+    if debug and not interrupted:
+        err_console.print_exception()
+    _fail(message, code=130 if interrupted else 1)
 
 
 @app.command()

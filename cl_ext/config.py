@@ -66,6 +66,9 @@ class StrategyConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     memory: MemoryConfig | None = None
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN or infinite training loss stops the run (naming the terms) or skips the batch"
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -78,7 +81,10 @@ class OutputConfig(_Strict):
     dir: str = "runs"
     name: str | None = Field(None, description="run name; defaults to the recipe file's stem")
     report: bool = Field(True, description="write the HTML/Markdown report at the end of a run")
-    checkpoint: bool = Field(True, description="save model and plugin state after each experience")
+    checkpoint: bool = Field(True, description="save everything needed to resume after each experience")
+    checkpoint_every_epochs: int = Field(
+        0, ge=0, description="also save a checkpoint every N epochs inside an experience (0: only at its end)"
+    )
 
 
 class Recipe(_Strict):

@@ -20,6 +20,7 @@ from avalanche.logging import BaseLogger, InteractiveLogger, TextLogger
 from cl_ext.config import recipe_to_dict
 from cl_ext.context import BuildContext
 from cl_ext.metrics import IncrementalAccuracy
+from cl_ext.randomness import isolated
 from cl_ext.registry import register
 from cl_ext.report import HEADLINE, plugin_step_tables, step_records
 from cl_ext.runner import method_label
@@ -155,9 +156,21 @@ class WandbLogger(BaseLogger):
                 folder.mkdir(parents=True, exist_ok=True)
             # console="off": W&B's capture of stdout would fight the CLI's live progress display.
             settings = wandb.Settings(console="off", silent=True, x_save_requirements=False)
-            self.run = wandb.init(dir=folder, mode=self.mode, settings=settings, reinit="create_new",
-                                  **self.init_kwargs)
+            with isolated():  # W&B draws its run ID at random: that must not change training
+                self.run = wandb.init(dir=folder, mode=self.mode, settings=settings, reinit="create_new",
+                                      **self.init_kwargs)
         return self.run
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        run_id = self.run.id if self.run is not None else self.init_kwargs.get("id")
+        return {"run_id": run_id, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved W&B run (same run ID) from its last step."""
+        self.step = state["step"]
+        if state["run_id"] is not None:
+            self.init_kwargs.update(id=state["run_id"], resume="allow")
 
     # -- Avalanche logger interface -------------------------------------------------------------
     def log_metrics(self, metric_values) -> None:

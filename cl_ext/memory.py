@@ -25,6 +25,9 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cl_ext.progress import phase
+from cl_ext.randomness import measurement
+
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
@@ -63,6 +66,7 @@ def herding_order(features: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
+@measurement
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -74,7 +78,8 @@ def extract_features(
     """Features and labels of ``dataset`` on its eval transforms, model in eval mode.
 
     The model's train/eval flags are restored afterwards (Avalanche calls ``train()`` only
-    once per ``train`` call, so a plugin that switches modes must switch back).
+    once per ``train`` call, so a plugin that switches modes must switch back), and so is
+    the training randomness (a measurement: see :mod:`cl_ext.randomness`).
     """
     was_training = {m: m.training for m in model.modules()}
     model.eval()
@@ -225,13 +230,15 @@ class ExemplarMemory:
         ):
             self.hold_out(dataset, experience)  # not drawn before training: draw it now
         n_holdout = self.holdout_quota(n_classes)
-        for label in new_classes:
-            candidates = torch.nonzero(targets == label).flatten()
-            if label in self._holdout:
-                candidates = candidates[~torch.isin(candidates, self._holdout[label].indices)]
-            order = self._select(model, dataset, candidates, quota - n_holdout, device)
-            chosen = candidates[order]
-            self._classes[label] = _ClassExemplars(experience, chosen, dataset.subset(chosen.tolist()))
+        with phase(f"exemplar selection ({self.selection})", total=len(new_classes)) as report:
+            for label in new_classes:
+                candidates = torch.nonzero(targets == label).flatten()
+                if label in self._holdout:
+                    candidates = candidates[~torch.isin(candidates, self._holdout[label].indices)]
+                order = self._select(model, dataset, candidates, quota - n_holdout, device)
+                chosen = candidates[order]
+                self._classes[label] = _ClassExemplars(experience, chosen, dataset.subset(chosen.tolist()))
+                report.advance()
         self._shrink(self._classes, quota - n_holdout)
         self._shrink(self._holdout, n_holdout)
 
@@ -284,10 +291,11 @@ class ExemplarMemoryPlugin(SupervisedPlugin):
     classes' held-out samples are removed from the training data here, before anyone trains.
     """
 
-    def __init__(self, memory: ExemplarMemory, replay: bool = True):
+    def __init__(self, memory: ExemplarMemory, replay: bool = True, train_stream=None):
         super().__init__()
         self.memory = memory
         self.replay = replay
+        self.train_stream = train_stream  # where load_state_dict takes the exemplars from
 
     def after_train_dataset_adaptation(self, strategy, **kwargs):
         if self.memory.holdout:
@@ -307,3 +315,8 @@ class ExemplarMemoryPlugin(SupervisedPlugin):
 
     def state_dict(self) -> dict[str, Any]:
         return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.train_stream is None:
+            raise ValueError("ExemplarMemoryPlugin(train_stream=...) is needed to restore exemplars from a state")
+        self.memory.load_state_dict(state, self.train_stream)

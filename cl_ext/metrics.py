@@ -192,6 +192,21 @@ class IncrementalAccuracy(PluginMetric[dict]):
     def __str__(self) -> str:
         return self.prefix
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "exp_classes": {e: sorted(cs) for e, cs in self.exp_classes.items()},
+            "counts": [
+                {j: [c.correct, c.total, c.predicted_newest] for j, c in row.items()} for row in self.counts
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.exp_classes = {e: set(cs) for e, cs in state["exp_classes"].items()}
+        self.counts = [{j: _Counts(*c) for j, c in row.items()} for row in state["counts"]]
+        self._current = {}
+
 
 class NMEAccuracy(IncrementalAccuracy):
     """The same metrics for the nearest-mean-of-exemplars classifier built from a memory."""

@@ -767,12 +767,17 @@ def write_run_report(run_dir: str | Path) -> list[Path]:
 def finish_run(experiment: Any, run_dir: str | Path) -> list[Path]:
     """After :func:`cl_ext.runner.run_experiment`: the report (unless ``output.report`` is off),
     then each logger's ``close()`` -- the W&B logger uploads the run directory, report included,
-    as an artifact and finishes its run. Returns the written reports."""
-    written = write_run_report(run_dir) if experiment.recipe.output.report else []
-    for logger in getattr(experiment.ctx.evaluator, "loggers", []):
-        close = getattr(logger, "close", None)
-        if callable(close):
-            close()
+    as an artifact and finishes its run. Returns the written reports. Also after a failed or
+    interrupted run: the report then shows the finished experiences (none without one)."""
+    written: list[Path] = []
+    try:
+        if experiment.recipe.output.report and (Path(run_dir) / "metrics.json").is_file():
+            written = write_run_report(run_dir)
+    finally:
+        for logger in getattr(experiment.ctx.evaluator, "loggers", []):
+            close = getattr(logger, "close", None)
+            if callable(close):
+                close()
     return written
 
 

@@ -2,18 +2,22 @@
 
 Everything that can fail on bad input (recipe, data files, options) is built before the run
 directory is created, so a failed start leaves nothing half-written. After every experience
-the metrics, the per-step CSV and a checkpoint are rewritten atomically, so an interrupted or
-crashed run keeps every finished experience.
+(and, with ``output.checkpoint_every_epochs``, every few epochs) the metrics, the per-step
+CSV and a checkpoint are rewritten atomically. The checkpoint holds everything the run
+holds -- model, optimizer, scheduler, every plugin's state, the exemplar memory, the metrics'
+counts and all random states -- so :func:`resume_experiment` continues a killed run and ends
+with the same weights and results as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import json
 import os
 import platform
-import random
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -28,11 +32,22 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 
 import cl_ext
-from cl_ext import registry
-from cl_ext.config import Recipe, recipe_to_dict
+from cl_ext import randomness, registry, state
+from cl_ext.config import Recipe, load_recipe, recipe_to_dict
 from cl_ext.context import BuildContext
+from cl_ext.errors import CLExtError, RecipeError
 from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin
 from cl_ext.metrics import IncrementalAccuracy
+from cl_ext.progress import phase
+from cl_ext.training import NonFiniteLossGuard
+
+CHECKPOINT = "checkpoint.pt"
+EPOCH_CHECKPOINT = "checkpoint-epoch.pt"  # inside an experience; removed when the experience ends
+CHECKPOINT_FORMAT = 1
+
+
+class ResumeError(CLExtError):
+    """A run directory that cannot be resumed; the message says why."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,14 +55,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} was requested but CUDA is not available (use device: auto)")
+        raise RecipeError(f"device: {name!r} was requested but CUDA is not available (use device: auto)")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -71,22 +80,84 @@ def make_scheduler_plugin(recipe: Recipe, optimizer) -> LRSchedulerPlugin | None
     return LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True, step_granularity="epoch")
 
 
-class ProgressPlugin(SupervisedPlugin):
-    """Reports training progress (iterations of the current experience) to a callback."""
+@dataclass
+class EpochReport:
+    experience: int
+    n_experiences: int
+    epoch: int
+    epochs: int
+    loss: float
+    images_per_s: float
+    seconds: float
 
-    def __init__(self, on_progress: Callable[[int, int], None]):
+
+class ProgressPlugin(SupervisedPlugin):
+    """Reports training progress: each iteration (done, total) and each epoch (mean loss, images/s)."""
+
+    def __init__(self, n_experiences: int):
         super().__init__()
-        self.on_progress = on_progress
-        self._done = 0
-        self._total = 0
+        self.n_experiences = n_experiences
+        self.on_iteration: Callable[[int, int, int], None] | None = None
+        self.on_epoch: Callable[[EpochReport], None] | None = None
+        self._done = self._total = self._seen = 0
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._start = 0.0
 
     def before_training_exp(self, strategy, **kwargs):
         self._done = 0
         self._total = len(strategy.dataloader) * strategy.train_epochs
 
+    def before_training_epoch(self, strategy, **kwargs):
+        self._seen, self._loss_sum, self._start = 0, 0.0, time.perf_counter()
+
     def after_training_iteration(self, strategy, **kwargs):
         self._done += 1
-        self.on_progress(self._done, self._total)
+        n = len(strategy.mb_y)
+        self._seen += n
+        # Summed on the device, read once per epoch: no host sync per iteration.
+        self._loss_sum = self._loss_sum + strategy.loss.detach() * n
+        if self.on_iteration is not None:
+            self.on_iteration(strategy.experience.current_experience, self._done, self._total)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        if self.on_epoch is None or not self._seen:
+            return
+        seconds = time.perf_counter() - self._start
+        self.on_epoch(EpochReport(
+            experience=strategy.experience.current_experience, n_experiences=self.n_experiences,
+            epoch=strategy.clock.train_exp_epochs, epochs=strategy.train_epochs,
+            loss=float(self._loss_sum) / self._seen, images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
+        ))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class EpochCheckpointPlugin(SupervisedPlugin):
+    """Saves a checkpoint every ``every`` epochs inside an experience (not after its last epoch).
+
+    Attached last, after Avalanche's clock, so the saved clock has counted the epoch.
+    ``save(epochs_done)`` is set by :func:`run_experiment`, which knows the run directory.
+    """
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = every
+        self.save: Callable[[int], None] | None = None
+
+    def after_training_epoch(self, strategy, **kwargs):
+        done = strategy.clock.train_exp_epochs
+        if self.every and self.save is not None and done % self.every == 0 and done < strategy.train_epochs:
+            self.save(done)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass
@@ -99,12 +170,23 @@ class Experiment:
     metrics: list[IncrementalAccuracy]
     named_plugins: dict[str, Any]
     progress: ProgressPlugin
+    guard: NonFiniteLossGuard
+    epoch_checkpoints: EpochCheckpointPlugin
     history: dict[str, Any] = field(default_factory=dict)
+    # Set by resume_experiment: where the run continues.
+    completed: int = 0
+    wall_times: list[float] = field(default_factory=list)
+    checkpoint: dict[str, Any] | None = None
+
+    @property
+    def headline(self) -> IncrementalAccuracy:
+        """The CNN head's metric: the top-level numbers of metrics.json, whatever else is listed."""
+        return next(m for m in self.metrics if type(m) is IncrementalAccuracy)
 
 
 def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     """Build benchmark, model, memory, plugins, metrics and strategy from a validated recipe."""
-    seed_everything(recipe.seed)
+    randomness.seed_everything(recipe.seed)
     ctx = BuildContext(recipe=recipe, device=resolve_device(recipe.device), run_dir=run_dir)
     ctx.benchmark = registry.build("benchmark", recipe.benchmark.name, ctx, recipe.benchmark.options)
     ctx.model = registry.build("model", recipe.model.name, ctx, recipe.model.options)
@@ -121,10 +203,12 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
             batch_size=recipe.strategy.eval_batch_size,
             seed=recipe.seed,
         )
-        named_plugins["memory"] = ExemplarMemoryPlugin(ctx.memory)
+        named_plugins["memory"] = ExemplarMemoryPlugin(ctx.memory, train_stream=ctx.benchmark.benchmark.train_stream)
         plugins.append(named_plugins["memory"])
     ctx.plugins = plugins
-    for spec in recipe.plugins:
+    for i, spec in enumerate(recipe.plugins):
+        if spec.name in named_plugins:
+            raise RecipeError(f"plugins[{i}].name: {spec.name!r} is listed twice (or clashes with the memory)")
         plugin = registry.build("plugin", spec.name, ctx, spec.options)
         named_plugins[spec.name] = plugin
         plugins.append(plugin)
@@ -136,12 +220,21 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     metrics = [registry.build("metric", name, ctx) for name in recipe.evaluation.metrics]
     if not any(type(m) is IncrementalAccuracy for m in metrics):
         metrics.insert(0, IncrementalAccuracy())
-    progress = ProgressPlugin(lambda done, total: None)
+    keys = [m.result_key for m in metrics]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise RecipeError(f"evaluation.metrics: two metrics report under {key!r}; list each metric once")
+    progress = ProgressPlugin(ctx.info.n_experiences)
     plugins.append(progress)
-    loggers = [registry.build("logger", lg.name, ctx, lg.options) for lg in recipe.evaluation.loggers]
+    with randomness.isolated():  # a logger must not change training (W&B draws IDs at random)
+        loggers = [registry.build("logger", lg.name, ctx, lg.options) for lg in recipe.evaluation.loggers]
     ctx.evaluator = EvaluationPlugin(*metrics, loggers=loggers)
     strategy = registry.build("strategy", recipe.strategy.name, ctx, recipe.strategy.options)
-    return Experiment(recipe, ctx, strategy, metrics, named_plugins, progress)
+    # Last, after the strategy's own regularisers (MAS, EWC, ...): the guard sees the whole loss.
+    guard = NonFiniteLossGuard(recipe.strategy.nonfinite_loss)
+    epoch_checkpoints = EpochCheckpointPlugin(recipe.output.checkpoint_every_epochs if recipe.output.checkpoint else 0)
+    strategy.plugins += [guard, epoch_checkpoints]
+    return Experiment(recipe, ctx, strategy, metrics, named_plugins, progress, guard, epoch_checkpoints)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -150,9 +243,23 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def environment_info(device: torch.device, seed: int) -> dict[str, Any]:
+def code_version() -> dict[str, Any]:
+    """What a resumed run must run with to continue bit for bit: cl-ext's source, torch, Avalanche."""
     import avalanche
 
+    digest = hashlib.sha256()
+    package = Path(cl_ext.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return {
+        "cl_ext": cl_ext.__version__,
+        "source_sha256": digest.hexdigest(),
+        "torch": str(torch.__version__),
+        "avalanche": str(getattr(avalanche, "__version__", "unknown")),
+    }
+
+
+def environment_info(device: torch.device, seed: int) -> dict[str, Any]:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -160,12 +267,14 @@ def environment_info(device: torch.device, seed: int) -> dict[str, Any]:
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
+    code = code_version()
     return {
-        "cl_ext": cl_ext.__version__,
+        "cl_ext": code["cl_ext"],
         "git_sha": sha,
+        "source_sha256": code["source_sha256"],
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "avalanche": getattr(avalanche, "__version__", "unknown"),
+        "torch": code["torch"],
+        "avalanche": code["avalanche"],
         "numpy": np.__version__,
         "platform": platform.platform(),
         "device": str(device),
@@ -177,13 +286,18 @@ def environment_info(device: torch.device, seed: int) -> dict[str, Any]:
 
 
 def new_run_dir(recipe: Recipe) -> Path:
-    base = Path(recipe.output.dir) / f"{recipe.output.name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
-    return run_dir
+    """Create ``output.dir/NAME-seedS-TIMESTAMP`` (``-2``, ``-3``, ... when taken); safe against concurrent starts."""
+    parent = Path(recipe.output.dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    base = f"{recipe.output.name or 'run'}-seed{recipe.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+    for n in itertools.count(1):
+        run_dir = parent / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()  # atomic: exactly one of several simultaneous starts gets each name
+        except FileExistsError:
+            continue
+        return run_dir
+    raise AssertionError("unreachable")
 
 
 def method_label(recipe: Recipe) -> str:
@@ -192,7 +306,7 @@ def method_label(recipe: Recipe) -> str:
 
 
 def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) -> dict[str, Any]:
-    main, *others = exp.metrics
+    main = exp.headline
     out: dict[str, Any] = {
         "method": method_label(exp.recipe),
         "run_name": exp.recipe.output.name,
@@ -204,13 +318,16 @@ def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) ->
         "wall_time_per_exp": wall_times,
         "total_wall_time": float(sum(wall_times)),
     }
-    for metric in others:
-        out[metric.result_key] = metric.results()
+    for metric in exp.metrics:
+        if metric is not main:
+            out[metric.result_key] = metric.results()
     summaries = {
         name: plugin.summary() for name, plugin in exp.named_plugins.items() if hasattr(plugin, "summary")
     }
     if summaries:
         out["plugins"] = summaries
+    if exp.guard.skipped:
+        out["skipped_batches"] = list(exp.guard.skipped)
     return out
 
 
@@ -240,19 +357,149 @@ def steps_csv(metrics: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def save_checkpoint(exp: Experiment, run_dir: Path, step: int) -> None:
-    state = {
-        "step": step,
-        "model": exp.ctx.model.state_dict(),
-        "plugins": {
-            name: plugin.state_dict() for name, plugin in exp.named_plugins.items() if hasattr(plugin, "state_dict")
-        },
+# -- checkpoints and resume -----------------------------------------------------------------------
+def checkpoint_state(exp: Experiment, wall_times: list[float], epoch: int | None = None,
+                     elapsed: float = 0.0) -> dict[str, Any]:
+    """Everything needed to continue: after ``len(wall_times)`` experiences, plus ``epoch`` epochs of the next."""
+    strategy = exp.strategy
+    plugins, not_resumable = state.plugin_states(strategy)
+    try:
+        optimizer = state.optimizer_state(strategy)
+    except state.NotResumable as err:
+        optimizer, not_resumable = None, not_resumable + [str(err)]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "completed_experiences": len(wall_times),
+        "epoch": epoch,
+        "elapsed_in_experience": elapsed,
+        "wall_times": list(wall_times),
+        "recipe": recipe_to_dict(exp.recipe),
+        "code": code_version(),
+        "model": state.model_state(exp.ctx.model),
+        "optimizer": optimizer,
+        "plugins": plugins,
+        "metrics": {m.result_key: m.state_dict() for m in exp.metrics},
+        "random": randomness.capture(),
+        "not_resumable": not_resumable,
     }
-    tmp = run_dir / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / "checkpoint.pt")
 
 
+def _save(state_dict: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
+
+
+def save_checkpoint(exp: Experiment, run_dir: Path, wall_times: list[float]) -> None:
+    _save(checkpoint_state(exp, wall_times), run_dir / CHECKPOINT)
+    (run_dir / EPOCH_CHECKPOINT).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: say which, whatever torch raised
+        raise ResumeError(f"{path}: not a readable cl-ext checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if saved == current else [f"{path}: {saved!r} in the checkpoint, {current!r} now"]
+
+
+def resume_experiment(run_dir: str | Path, overrides: list[str] | None = None,
+                      recipe_path: str | Path | None = None) -> Experiment:
+    """Rebuild the experiment of ``run_dir`` and load its last checkpoint.
+
+    Refuses (:class:`ResumeError`, one message) a finished run, a run without checkpoint, a
+    recipe that differs from the one the run was started with (``recipe_path`` and
+    ``overrides`` must give the same recipe), another code version, or a run with state that
+    could not be saved.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise ResumeError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            finished = json.loads(metrics_file.read_text()).get("finished")
+        except ValueError:
+            finished = False
+        if finished:
+            raise ResumeError(f"{run_dir}: the run has finished; there is nothing to resume")
+    path = run_dir / CHECKPOINT
+    epoch_path = run_dir / EPOCH_CHECKPOINT
+    if not path.is_file() and not epoch_path.is_file():
+        raise ResumeError(
+            f"{run_dir}: no {CHECKPOINT}: the run saved no checkpoint (it finished no experience, or "
+            "output.checkpoint was off); start it again"
+        )
+    recipe = load_recipe(recipe_path or run_dir / "recipe.yaml", overrides or [])
+    checkpoint = load_checkpoint(path) if path.is_file() else None
+    epoch_checkpoint = load_checkpoint(epoch_path) if epoch_path.is_file() else None
+    newest = epoch_checkpoint or checkpoint
+    if newest.get("format") != CHECKPOINT_FORMAT:
+        raise ResumeError(f"{path}: checkpoint format {newest.get('format')}, this cl-ext reads {CHECKPOINT_FORMAT}")
+    changed = _differences(newest["recipe"], recipe_to_dict(recipe))
+    if changed:
+        raise ResumeError(f"{run_dir}: the recipe differs from the one the run was started with: " + "; ".join(changed[:5]))
+    changed = _differences(newest["code"], code_version())
+    if changed:
+        raise ResumeError(
+            f"{run_dir}: the run was started with another code version, so it cannot continue bit for bit: "
+            + "; ".join(changed) + ". Reinstall that version to resume, or start the run again"
+        )
+    if newest["not_resumable"]:
+        raise ResumeError(f"{run_dir}: the run cannot be resumed: " + "; ".join(newest["not_resumable"]))
+    exp = build_experiment(recipe, run_dir)
+    stream = exp.ctx.benchmark.benchmark.train_stream
+    if checkpoint is not None:
+        _restore(exp, checkpoint, list(stream)[: checkpoint["completed_experiences"]])
+    exp.completed = (checkpoint or {"completed_experiences": 0})["completed_experiences"]
+    exp.wall_times = list((checkpoint or {"wall_times": []})["wall_times"])
+    if epoch_checkpoint is not None and epoch_checkpoint["completed_experiences"] == exp.completed:
+        _resume_inside_experience(exp, epoch_checkpoint)
+    return exp
+
+
+def _restore(exp: Experiment, checkpoint: dict[str, Any], finished_experiences=()) -> None:
+    try:
+        state.load_model_state(exp.ctx.model, checkpoint["model"], finished_experiences)
+        state.load_optimizer_state(exp.strategy, checkpoint["optimizer"])
+        state.load_plugin_states(exp.strategy, checkpoint["plugins"])
+    except (state.NotResumable, RuntimeError, KeyError, ValueError) as err:
+        raise ResumeError(f"the checkpoint does not fit the rebuilt experiment: {err}") from None
+    for metric in exp.metrics:
+        metric.load_state_dict(checkpoint["metrics"][metric.result_key])
+    randomness.restore(checkpoint["random"])
+
+
+def _resume_inside_experience(exp: Experiment, checkpoint: dict[str, Any]) -> None:
+    """Make the next experience skip its first ``epoch`` epochs and then continue from ``checkpoint``.
+
+    The experience starts as usual (its plugins make their teachers, the head grows, the
+    memory joins the data), so everything made at its start is as it was; its first
+    ``epoch`` epochs then do nothing, and before the next one the saved state is loaded.
+    """
+    strategy, skip = exp.strategy, checkpoint["epoch"]
+    original = strategy.training_epoch
+    exp.checkpoint = checkpoint
+
+    def training_epoch(**kwargs):
+        if strategy.clock.train_exp_epochs < skip:
+            return None
+        strategy.training_epoch = original
+        _restore(exp, checkpoint)
+        return original(**kwargs)
+
+    strategy.training_epoch = training_epoch
+
+
+# -- the run --------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
     step: int
@@ -266,29 +513,54 @@ def run_experiment(
     run_dir: Path,
     on_step: Callable[[StepResult], None] | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate each experience; rewrite the run directory's results after each one."""
+    """Train and evaluate each experience not done yet; rewrite the run directory's results after each.
+
+    On any exception (Ctrl-C included) ``metrics.json`` is rewritten with ``finished: false``
+    and the exception propagates; the last checkpoint stays, ready for :func:`resume_experiment`.
+    """
     recipe, ctx = exp.recipe, exp.ctx
-    exp.ctx.run_dir = run_dir
-    _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    _atomic_write(run_dir / "environment.json", json.dumps(environment_info(ctx.device, recipe.seed), indent=2))
+    ctx.run_dir = run_dir
+    environment = environment_info(ctx.device, recipe.seed)
+    if exp.completed or exp.checkpoint is not None:
+        previous = json.loads((run_dir / "environment.json").read_text())
+        previous.setdefault("resumed", []).append(
+            {"at": environment["started"], "completed_experiences": exp.completed,
+             "epoch": exp.checkpoint["epoch"] if exp.checkpoint else None}
+        )
+        environment = previous
+    else:
+        _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    _atomic_write(run_dir / "environment.json", json.dumps(environment, indent=2))
     benchmark = ctx.benchmark.benchmark
-    wall_times: list[float] = []
-    metrics: dict[str, Any] = {}
+    wall_times = exp.wall_times
+    exp.progress.on_iteration, exp.progress.on_epoch = on_progress, on_epoch
+    started = already = 0.0
+
+    def save_epoch(epoch: int) -> None:
+        elapsed = time.perf_counter() - started + already
+        _save(checkpoint_state(exp, wall_times, epoch, elapsed), run_dir / EPOCH_CHECKPOINT)
+
+    exp.epoch_checkpoints.save = save_epoch
+    metrics: dict[str, Any] = collect_metrics(exp, wall_times, finished=False) if wall_times else {}
     finished = False
     try:
         for t, experience in enumerate(benchmark.train_stream):
-            if on_progress is not None:
-                exp.progress.on_progress = lambda done, total, t=t: on_progress(t, done, total)
-            start = time.perf_counter()
+            if t < exp.completed:
+                continue
+            already = exp.checkpoint["elapsed_in_experience"] if exp.checkpoint else 0.0
+            started = time.perf_counter()
             exp.strategy.train(experience)
-            exp.strategy.eval(benchmark.test_stream[: t + 1])
-            wall_times.append(time.perf_counter() - start)
+            with randomness.isolated(), phase("evaluating"):
+                exp.strategy.eval(benchmark.test_stream[: t + 1])
+            wall_times.append(time.perf_counter() - started + already)
+            exp.checkpoint = None
             metrics = collect_metrics(exp, wall_times, finished=False)
             _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
             _atomic_write(run_dir / "steps.csv", steps_csv(metrics))
             if recipe.output.checkpoint:
-                save_checkpoint(exp, run_dir, t)
+                save_checkpoint(exp, run_dir, wall_times)
             if on_step is not None:
                 on_step(StepResult(t, sum(ctx.info.classes_per_exp[: t + 1]), metrics, wall_times[-1]))
         finished = True

@@ -1,22 +1,29 @@
-"""An extra training phase outside Avalanche's loop.
+"""Shared training pieces: the extra training phase, teachers, loss terms and the loss guard.
 
 Several methods train a second time after the main phase of a step: EEIL's balanced
 fine-tuning, UCIR's class-balanced finetuning, BiC's bias-correction stage. They share this
 loop: one dataset, its own optimizer and per-epoch schedule, the model mode chosen
 explicitly and restored afterwards (Avalanche sets ``model.train()`` only once per
 ``train`` call, so a phase that changes modes must put them back).
+
+Plugins that add to the loss name their terms with :func:`record_loss_terms`, so that
+:class:`NonFiniteLossGuard` can say which term went non-finite.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
+from avalanche.core import SupervisedPlugin
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+
+from cl_ext import progress
+from cl_ext.errors import CLExtError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,7 +52,6 @@ def train_phase(
     mode: Literal["train", "eval"] = "train",
     generator: torch.Generator | None = None,
     description: str = "extra phase",
-    progress: bool = False,
     before_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """Train ``params`` on ``dataset`` for ``schedule.epochs`` epochs; returns the mean loss per epoch.
@@ -54,7 +60,8 @@ def train_phase(
     closes over the model. ``mode="eval"`` keeps batch-norm statistics and dropout frozen,
     as BiC's stage 2 needs. Only ``params`` are updated; they must require gradients.
     ``before_step()``, if given, runs after each backward pass and before the optimizer step
-    (to edit gradients, e.g. EEIL's gradient noise).
+    (to edit gradients, e.g. EEIL's gradient noise). The phase is announced to
+    :mod:`cl_ext.progress` under ``description``.
     """
     params = [p for p in params]
     if not params:
@@ -68,24 +75,33 @@ def train_phase(
     was_training = {m: m.training for m in model.modules()}
     model.train(mode == "train")
     epoch_losses: list[float] = []
-    try:
-        for _ in tqdm(range(schedule.epochs), desc=description, disable=not progress, leave=False):
-            total, count = 0.0, 0
-            for batch in loader:
-                x, y = batch[0].to(device), batch[1].to(device)
-                loss = loss_fn(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if before_step is not None:
-                    before_step()
-                optimizer.step()
-                total += float(loss.detach()) * len(y)
-                count += len(y)
-            scheduler.step()
-            epoch_losses.append(total / max(count, 1))
-    finally:
-        for module, flag in was_training.items():
-            module.train(flag)
+    with progress.phase(description, total=schedule.epochs * len(loader)) as report:
+        try:
+            for epoch in range(schedule.epochs):
+                total, count = 0.0, 0
+                for iteration, batch in enumerate(loader):
+                    x, y = batch[0].to(device), batch[1].to(device)
+                    loss = loss_fn(x, y)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(
+                            f"{description}: the loss is {float(loss)} at epoch {epoch + 1}/{schedule.epochs}, "
+                            f"iteration {iteration + 1}: lower the phase's learning rate ({schedule.lr})"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if before_step is not None:
+                        before_step()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(y)
+                    count += len(y)
+                    report.advance()
+                scheduler.step()
+                epoch_losses.append(total / max(count, 1))
+        finally:
+            for module, flag in was_training.items():
+                module.train(flag)
+        if epoch_losses:
+            report.note = f"{len(epoch_losses)} epochs, loss {epoch_losses[0]:.4g} -> {epoch_losses[-1]:.4g}"
     return epoch_losses
 
 
@@ -94,3 +110,83 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+# -- loss terms and the guard ---------------------------------------------------------------
+_TERMS = "_cl_ext_loss_terms"
+
+
+def record_loss_terms(strategy: Any, **terms: torch.Tensor | float) -> None:
+    """Name the terms a plugin adds to ``strategy.loss`` in this iteration (read only on failure)."""
+    recorded = strategy.__dict__.setdefault(_TERMS, {})
+    recorded.update({name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in terms.items()})
+
+
+class NonFiniteLoss(CLExtError):
+    """The training loss became NaN or infinite."""
+
+
+class NonFiniteLossGuard(SupervisedPlugin):
+    """Stops training (or skips the batch) when the loss is NaN or infinite.
+
+    Put it after every plugin that adds to the loss: it looks at the loss just before the
+    backward pass. The error names experience, epoch, iteration and each term's value: the
+    strategy's criterion, the terms plugins recorded with :func:`record_loss_terms`, and
+    whatever else was added (Avalanche's own regularisers). ``on_nonfinite="skip"`` replaces
+    the loss by a constant zero instead, so the batch changes no weight, and counts it.
+    """
+
+    def __init__(self, on_nonfinite: Literal["stop", "skip"] = "stop"):
+        super().__init__()
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.skipped: list[dict[str, int]] = []
+
+    def before_training_iteration(self, strategy, **kwargs):
+        strategy.__dict__[_TERMS] = {}
+
+    def before_backward(self, strategy, **kwargs):
+        loss = strategy.loss
+        if bool(torch.isfinite(loss).all()):
+            return
+        clock = strategy.clock
+        where = {
+            "experience": strategy.experience.current_experience,
+            "epoch": clock.train_exp_epochs,
+            "iteration": clock.train_epoch_iterations,
+        }
+        if self.on_nonfinite == "skip":
+            self.skipped.append(where)
+            strategy.loss = torch.zeros((), device=loss.device, requires_grad=True)
+            return
+        raise NonFiniteLoss(
+            f"the training loss is {float(loss)} at experience {where['experience'] + 1}, epoch {where['epoch'] + 1}, "
+            f"iteration {where['iteration'] + 1}: {format_terms(self.loss_terms(strategy))}. "
+            "Lower strategy.optimizer.lr or the weight of the non-finite term "
+            "(or set strategy.nonfinite_loss: skip to skip such batches)"
+        )
+
+    @staticmethod
+    def loss_terms(strategy) -> dict[str, float]:
+        with torch.no_grad():
+            criterion = float(strategy._criterion(strategy.mb_output, strategy.mb_y))
+        terms = {"criterion": criterion}
+        terms.update({name: float(value) for name, value in strategy.__dict__.get(_TERMS, {}).items()})
+        other = float(strategy.loss.detach()) - sum(terms.values())
+        if not math.isclose(other, 0.0, abs_tol=1e-6) and not (math.isnan(other) and any(map(math.isnan, terms.values()))):
+            terms["other (e.g. Avalanche's regularisers)"] = other
+        return terms
+
+    def summary(self) -> dict[str, Any]:
+        return {"skipped_batches": list(self.skipped)} if self.skipped else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": [dict(w) for w in self.skipped]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = [dict(w) for w in state["skipped"]]
+
+
+def format_terms(terms: dict[str, float]) -> str:
+    return ", ".join(f"{name} = {value:.6g}" for name, value in terms.items())

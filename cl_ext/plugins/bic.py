@@ -45,7 +45,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
+from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 
 # -- pure functions ------------------------------------------------------------------------
@@ -196,6 +196,7 @@ class BiCPlugin(SupervisedPlugin):
             teacher_logits = self.teacher(strategy.mb_x)[:, :n_old]
         kd = distillation_loss(strategy.mb_output[:, :n_old], teacher_logits, self.temperature)
         weight = distillation_weight(n_old, self.group[1] - self.group[0])
+        record_loss_terms(strategy, weighted_distillation=weight * kd)
         strategy.loss = stage1_loss(strategy.loss, kd, weight)
 
     def after_training_exp(self, strategy, **kwargs):

@@ -38,7 +38,7 @@ from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
+from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 # -- losses ----------------------------------------------------------------------------
 
@@ -251,6 +251,7 @@ class EEILPlugin(SupervisedPlugin):
         terms = distillation_terms(
             strategy.mb_output, teacher_logits, self._units(self.step_classes, strategy.device), self.temperature
         )
+        record_loss_terms(strategy, **{f"distillation_step{i}": term for i, term in enumerate(terms)})
         strategy.loss = strategy.loss + sum(terms)
 
     def before_update(self, strategy, **kwargs):

@@ -207,12 +207,9 @@ class IL2MPlugin(SupervisedPlugin):
         })
 
     def _scores(self, strategy, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        # IL2M only measures; a DataLoader draws its seed from the global generator, so the fork
-        # keeps training identical to plain rehearsal with the same seed (a paired comparison).
-        with torch.random.fork_rng(devices=[]):
-            logits, targets = extract_features(
-                strategy.model, dataset, strategy.device, output_logits, self.batch_size
-            )
+        # A measurement (extract_features leaves the training randomness alone), so IL2M trains
+        # exactly plain rehearsal's model with the same seed: a paired comparison.
+        logits, targets = extract_features(strategy.model, dataset, strategy.device, output_logits, self.batch_size)
         return class_scores(logits, self.rectifier.scores), targets.long()
 
     # -- reporting and persistence ---------------------------------------------------------

@@ -32,7 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cl_ext.context import BuildContext
+from cl_ext.randomness import measurement
 from cl_ext.registry import register
+from cl_ext.training import record_loss_terms
 
 Discount = Literal["sum", "min", "none"]  # "none": SLNI, local inhibition without discounting
 
@@ -202,7 +204,9 @@ class SLNIDPlugin(SupervisedPlugin):
             )
 
     def before_backward(self, strategy, **kwargs):
-        strategy.loss += self.lambda_ssl * self.penalty()
+        term = self.lambda_ssl * self.penalty()
+        record_loss_terms(strategy, slnid=term)
+        strategy.loss += term
         self._activations = []
 
     def after_training_exp(self, strategy, **kwargs):
@@ -215,6 +219,7 @@ class SLNIDPlugin(SupervisedPlugin):
             name: {"mean": float(a.mean()), "max": float(a.max())} for name, a in self.importance.items()
         })
 
+    @measurement
     @torch.enable_grad()
     def _neuron_importance(self, strategy) -> dict[str, torch.Tensor]:
         """alpha_i = mean over the task's training data of |dL2(F(x))/dh_i|, model in eval mode."""

@@ -36,7 +36,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, use_cosine_head
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, frozen_copy, train_phase
+from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 
 # -- loss terms ----------------------------------------------------------------------------
@@ -180,12 +180,14 @@ class UCIRPlugin(SupervisedPlugin):
         if self.less_forget:
             with torch.no_grad():
                 avalanche_forward(self.teacher, strategy.mb_x, strategy.mb_task_id)
-            strategy.loss += self._lambda * less_forget_loss(features, self._teacher_input.features)
+            term = self._lambda * less_forget_loss(features, self._teacher_input.features)
+            record_loss_terms(strategy, less_forget=term)
+            strategy.loss += term
         if self.margin_ranking:
             scores = self.head.cosine(features)
-            strategy.loss += self.mr_weight * margin_ranking_loss(
-                scores, strategy.mb_y, self._n_old, self.margin, self.top_k
-            )
+            term = self.mr_weight * margin_ranking_loss(scores, strategy.mb_y, self._n_old, self.margin, self.top_k)
+            record_loss_terms(strategy, margin_ranking=term)
+            strategy.loss += term
 
     def after_training_exp(self, strategy, **kwargs):
         record = self.history[-1]
