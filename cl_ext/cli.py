@@ -59,7 +59,7 @@ def _fail(message: str, debug: bool = False, code: int = 1) -> None:
     if debug and sys.exc_info()[0] is not None:
         err_console.print_exception()
     err_console.print("[bold red]error:[/] ", end="", highlight=False, markup=True)
-    err_console.print(message, highlight=False, markup=False)
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(code)
 
 
@@ -220,7 +220,7 @@ class RunLog:
     def line(self, text: str, always: bool = False) -> None:
         self.file.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}\n")
         if always or self.echo:
-            self.console.print(text, highlight=False, markup=False)
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         self.file.close()

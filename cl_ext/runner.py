@@ -125,7 +125,8 @@ class ProgressPlugin(SupervisedPlugin):
         seconds = time.perf_counter() - self._start
         self.on_epoch(EpochReport(
             experience=strategy.experience.current_experience, n_experiences=self.n_experiences,
-            epoch=strategy.clock.train_exp_epochs, epochs=strategy.train_epochs,
+            # Avalanche's clock comes after this plugin: it has not counted this epoch yet.
+            epoch=strategy.clock.train_exp_epochs + 1, epochs=strategy.train_epochs,
             loss=float(self._loss_sum) / self._seen, images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
         ))
 

@@ -173,8 +173,9 @@ class NonFiniteLossGuard(SupervisedPlugin):
             criterion = float(strategy._criterion(strategy.mb_output, strategy.mb_y))
         terms = {"criterion": criterion}
         terms.update({name: float(value) for name, value in strategy.__dict__.get(_TERMS, {}).items()})
+        # What the named terms do not explain; undefined once one of them is not finite.
         other = float(strategy.loss.detach()) - sum(terms.values())
-        if not math.isclose(other, 0.0, abs_tol=1e-6) and not (math.isnan(other) and any(map(math.isnan, terms.values()))):
+        if all(map(math.isfinite, terms.values())) and not math.isclose(other, 0.0, abs_tol=1e-6):
             terms["other (e.g. Avalanche's regularisers)"] = other
         return terms
 

@@ -196,11 +196,17 @@ def test_finish_run_honours_the_report_switch_and_closes_loggers(monkeypatch, tm
     written, closed = [], []
     monkeypatch.setattr(rp, "write_run_report", lambda run_dir: written.append(run_dir) or [run_dir / "report.html"])
     logger = SimpleNamespace(close=lambda: closed.append(True))
+
+    def experiment(switch):
+        return SimpleNamespace(recipe=SimpleNamespace(output=SimpleNamespace(report=switch)),
+                               ctx=SimpleNamespace(evaluator=SimpleNamespace(loggers=[logger, object()])))
+
+    # A run stopped before its first experience finished: no report to write, loggers still close.
+    assert rp.finish_run(experiment(True), tmp_path) == [] and written == [] and closed == [True]
+    (tmp_path / "metrics.json").write_text("{}")
     for switch in (False, True):
-        experiment = SimpleNamespace(recipe=SimpleNamespace(output=SimpleNamespace(report=switch)),
-                                     ctx=SimpleNamespace(evaluator=SimpleNamespace(loggers=[logger, object()])))
-        assert rp.finish_run(experiment, tmp_path) == ([tmp_path / "report.html"] if switch else [])
-    assert written == [tmp_path] and closed == [True, True]
+        assert rp.finish_run(experiment(switch), tmp_path) == ([tmp_path / "report.html"] if switch else [])
+    assert written == [tmp_path] and closed == [True, True, True]
 
 
 def test_wandb_report_spec_is_built_offline(two_runs):

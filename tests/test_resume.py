@@ -150,8 +150,9 @@ def test_resume_inside_an_experience_from_an_epoch_checkpoint(tmp_path):
     data["strategy"]["epochs"] = 3
     data["output"]["checkpoint_every_epochs"] = 1
     reference = reference_run(data, tmp_path / "reference")
-    # 8 training iterations per epoch here: iteration 45 is inside epoch 3 of experience 2.
-    killed, run_dir = stopped_run(write_recipe(data, tmp_path / "killed"), "KILL", "iteration:45")
+    # 4 training iterations per epoch in experience 1, 5 in experience 2 (with the exemplars):
+    # iteration 25 is inside epoch 3 of experience 2.
+    killed, run_dir = stopped_run(write_recipe(data, tmp_path / "killed"), "KILL", "iteration:25")
     assert killed.returncode == -9
     inside = torch.load(run_dir / EPOCH_CHECKPOINT, weights_only=True)
     assert (inside["completed_experiences"], inside["epoch"]) == (1, 2)
