@@ -178,7 +178,11 @@ def test_cli_resume_continues_an_interrupted_run(tmp_path, tiny_recipe_data, mon
 
 CONCURRENT = textwrap.dedent("""
     import multiprocessing as mp, sys
+    import cl_ext.report, cl_ext.runner  # imported once, before the fork: the runs start together
+    from cl_ext import registry
     from cl_ext.cli import app
+
+    registry.load_builtins()
 
     def start(barrier, recipe):
         import torch

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from cl_ext.config import validate_recipe
+from test_wandb_logger import finished_records, read_offline_run
 from cl_ext.runner import (
     CHECKPOINT,
     EPOCH_CHECKPOINT,
@@ -180,10 +181,11 @@ def test_ctrl_c_finishes_wandb_reports_and_resumes(tmp_path, monkeypatch):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert not metrics["finished"] and metrics["completed_experiences"] == 2
     assert (run_dir / "report.html").is_file()
-    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
-    assert (offline[0].parent / "files" / "wandb-summary.json").is_file()  # written when the run finishes
-    summary = json.loads((offline[0].parent / "files" / "wandb-summary.json").read_text())
+    records = finished_records(next(offline[0].glob("run-*.wandb")))
+    assert any(r.WhichOneof("record_type") == "exit" for r in records)  # the W&B run was finished
+    summary = read_offline_run(offline[0])["summary"]
     assert summary["finished"] is False and summary["completed_experiences"] == 2
     resume(run_dir)
     # The W&B logger changes nothing in training: same weights as the reference without it.
