@@ -54,11 +54,11 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str, debug: bool = False, code: int = 1) -> None:
+def _fail(message: str, debug: bool = False, code: int = 1, label: str = "error") -> None:
     """Print one error message (and, with --debug, the traceback of the exception being handled); exit."""
     if debug and sys.exc_info()[0] is not None:
         err_console.print_exception()
-    err_console.print("[bold red]error:[/] ", end="", highlight=False, markup=True)
+    err_console.print(f"[bold red]{label}:[/] ", end="", highlight=False, markup=True)
     err_console.print(message, highlight=False, markup=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(code)
 
@@ -233,22 +233,25 @@ def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: 
         finish_run(experiment, run_dir)
     except Exception as report_err:  # the run's own error matters more
         log.line(f"could not write the report or close the loggers: {report_err}", always=True)
-    done = json.loads((run_dir / "metrics.json").read_text())["completed_experiences"] \
-        if (run_dir / "metrics.json").is_file() else 0
-    kept = f"{done}/{experiment.ctx.info.n_experiences} experiences finished and saved in {run_dir}"
-    resume = f"resume with: cl-ext run --resume {run_dir}"
-    if interrupted:
-        message = f"interrupted; {kept}; {resume}"
-    elif isinstance(err, CLExtError):
-        message = f"the run stopped: {err}\n{kept}"
+    done = len(experiment.wall_times)
+    kept = f"{done}/{experiment.ctx.info.n_experiences} experiences finished; results in {run_dir}"
+    if not experiment.recipe.output.checkpoint:
+        resume = "checkpoints are off (output.checkpoint: false), so it cannot be resumed"
+    elif experiment.saved is None:
+        resume = "no checkpoint was saved yet: start the run again"
     else:
-        message = f"the run stopped: {type(err).__name__}: {err}\n{kept}; {resume}" + (
-            "" if debug else "\n--debug shows the traceback")
-    log.line(message)
+        resume = f"checkpoint {experiment.describe_saved()}; resume with: cl-ext run --resume {run_dir}"
+    if interrupted:
+        message = f"{kept}; {resume}"
+    elif isinstance(err, CLExtError):
+        message = f"{err}\n{kept}"
+    else:
+        message = f"{type(err).__name__}: {err}\n{kept}; {resume}" + ("" if debug else "\n--debug shows the traceback")
+    log.line(("interrupted: " if interrupted else "the run stopped: ") + message)
     log.close()
     if debug and not interrupted:
         err_console.print_exception()
-    _fail(message, code=130 if interrupted else 1)
+    _fail(message, code=130 if interrupted else 1, label="interrupted" if interrupted else "the run stopped")
 
 
 @app.command()

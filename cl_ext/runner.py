@@ -178,6 +178,17 @@ class Experiment:
     completed: int = 0
     wall_times: list[float] = field(default_factory=list)
     checkpoint: dict[str, Any] | None = None
+    # What the run directory's newest checkpoint holds: (experiences done, epochs of the next), or None.
+    saved: tuple[int, int] | None = None
+
+    def describe_saved(self) -> str:
+        if self.saved is None:
+            return "no checkpoint yet"
+        done, epochs = self.saved
+        n = self.ctx.info.n_experiences
+        if epochs:
+            return f"at epoch {epochs}/{self.recipe.strategy.epochs} of experience {done + 1}/{n}"
+        return f"after experience {done}/{n}"
 
     @property
     def headline(self) -> IncrementalAccuracy:
@@ -394,6 +405,7 @@ def _save(state_dict: dict[str, Any], path: Path) -> None:
 def save_checkpoint(exp: Experiment, run_dir: Path, wall_times: list[float]) -> None:
     _save(checkpoint_state(exp, wall_times), run_dir / CHECKPOINT)
     (run_dir / EPOCH_CHECKPOINT).unlink(missing_ok=True)
+    exp.saved = (len(wall_times), 0)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -462,8 +474,10 @@ def resume_experiment(run_dir: str | Path, overrides: list[str] | None = None,
         _restore(exp, checkpoint, list(stream)[: checkpoint["completed_experiences"]])
     exp.completed = (checkpoint or {"completed_experiences": 0})["completed_experiences"]
     exp.wall_times = list((checkpoint or {"wall_times": []})["wall_times"])
+    exp.saved = (exp.completed, 0)
     if epoch_checkpoint is not None and epoch_checkpoint["completed_experiences"] == exp.completed:
         _resume_inside_experience(exp, epoch_checkpoint)
+        exp.saved = (exp.completed, epoch_checkpoint["epoch"])
     return exp
 
 
@@ -542,6 +556,7 @@ def run_experiment(
     def save_epoch(epoch: int) -> None:
         elapsed = time.perf_counter() - started + already
         _save(checkpoint_state(exp, wall_times, epoch, elapsed), run_dir / EPOCH_CHECKPOINT)
+        exp.saved = (len(wall_times), epoch)
 
     exp.epoch_checkpoints.save = save_epoch
     metrics: dict[str, Any] = collect_metrics(exp, wall_times, finished=False) if wall_times else {}

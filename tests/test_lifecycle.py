@@ -164,7 +164,8 @@ def test_cli_resume_continues_an_interrupted_run(tmp_path, tiny_recipe_data, mon
     assert result.exit_code == 1 and "RuntimeError: node lost" in out
     run_dir = next((tmp_path / "runs").iterdir())
     assert run_dir.name.startswith("tiny-seed0-")
-    assert f"2/5 experiences finished and saved in {run_dir}; resume with: cl-ext run --resume {run_dir}" in out
+    assert (f"2/5 experiences finished; results in {run_dir}; checkpoint after experience 2/5; "
+            f"resume with: cl-ext run --resume {run_dir}") in out
     monkeypatch.setattr(runner, "save_checkpoint", save)
     result = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from cl_ext.config import validate_recipe
+from conftest import TINY_RECIPE
 from test_wandb_logger import finished_records, read_offline_run
 from cl_ext.runner import (
     CHECKPOINT,
@@ -33,25 +34,17 @@ from cl_ext.runner import (
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "kill_run.py"
 
-BASE = {
-    "seed": 3,
-    "device": "cpu",
-    "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "seed"}},
-    "model": {"name": "mlp", "options": {"hidden": [32]}},
-    "strategy": {
-        "name": "replay",
-        "epochs": 2,
-        "batch_size": 64,
-        "optimizer": {"name": "sgd", "lr": 0.05},
-        "lr_schedule": {"name": "multistep", "milestones": [1], "gamma": 0.5},
-        "memory": {"size": 40, "selection": "herding"},
-    },
-    "output": {"name": "resume", "checkpoint": True, "report": False},
-}
+def _base() -> dict:
+    data = copy.deepcopy(TINY_RECIPE)
+    data["seed"] = 3
+    data["benchmark"]["options"]["class_order"] = "seed"
+    data["strategy"].update(epochs=2, lr_schedule={"name": "multistep", "milestones": [1], "gamma": 0.5})
+    data["output"]["name"] = "resume"
+    return data
 
 
 def recipe_for(method: str) -> dict:
-    data = copy.deepcopy(BASE)
+    data = _base()
     plugins = {
         "replay": [],
         "ucir": [{"name": "ucir", "options": {"finetune_epochs": 2, "finetune_milestones": [1]}}],

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cl_ext.context import BuildContext
+from cl_ext.progress import phase
 from cl_ext.randomness import measurement
 from cl_ext.registry import register
 from cl_ext.training import record_loss_terms
@@ -234,18 +235,20 @@ class SLNIDPlugin(SupervisedPlugin):
         sums: dict[str, torch.Tensor] = {}
         rows: dict[str, int] = {}
         try:
-            for batch in loader:
-                x, t = batch[0].to(strategy.device), batch[-1].to(strategy.device)
-                self._activations, self._recording = [], True
-                out = avalanche_forward(model, x, t)
-                self._recording = False
-                acts = self._activations
-                # Per-sample squared norms summed over the batch: each sample's gradient is its own.
-                grads = torch.autograd.grad(out.pow(2).sum(), [h for _, h in acts])
-                for (name, output), g in zip(acts, grads):
-                    h = as_neurons(output.detach())
-                    sums[name] = sums.get(name, 0) + neuron_importance_sum(h, as_neurons(g))
-                    rows[name] = rows.get(name, 0) + h.shape[0]
+            with phase("SLNID neuron importance", total=len(loader)) as report:
+                for batch in loader:
+                    x, t = batch[0].to(strategy.device), batch[-1].to(strategy.device)
+                    self._activations, self._recording = [], True
+                    out = avalanche_forward(model, x, t)
+                    self._recording = False
+                    acts = self._activations
+                    # Per-sample squared norms summed over the batch: each sample's gradient is its own.
+                    grads = torch.autograd.grad(out.pow(2).sum(), [h for _, h in acts])
+                    for (name, output), g in zip(acts, grads):
+                        h = as_neurons(output.detach())
+                        sums[name] = sums.get(name, 0) + neuron_importance_sum(h, as_neurons(g))
+                        rows[name] = rows.get(name, 0) + h.shape[0]
+                    report.advance()
         finally:
             self._recording, self._activations = False, []
             for module, flag in modes.items():
