@@ -137,12 +137,7 @@ def run(
         always=True,
     )
     if resume is not None:
-        inside = experiment.checkpoint
-        log.line(
-            f"resuming after experience {experiment.completed}/{info.n_experiences}"
-            + (f", epoch {inside['epoch']} of experience {experiment.completed + 1}" if inside else ""),
-            always=True,
-        )
+        log.line(f"resuming {experiment.describe_saved()}", always=True)
     table = Table(title=f"{parsed.output.name}: accuracy (%) after each experience")
     for column in ("step", "classes", "seen", "old", "new", "avg incr.", "time (s)"):
         table.add_column(column, justify="right")
@@ -217,9 +212,9 @@ class RunLog:
         self.echo = echo
         self.console = console
 
-    def line(self, text: str, always: bool = False) -> None:
+    def line(self, text: str, always: bool = False, console: bool = True) -> None:
         self.file.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}\n")
-        if always or self.echo:
+        if console and (always or self.echo):
             self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
@@ -247,7 +242,7 @@ def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: 
         message = f"{err}\n{kept}"
     else:
         message = f"{type(err).__name__}: {err}\n{kept}; {resume}" + ("" if debug else "\n--debug shows the traceback")
-    log.line(("interrupted: " if interrupted else "the run stopped: ") + message)
+    log.line(("interrupted: " if interrupted else "the run stopped: ") + message, console=False)  # _fail prints it
     log.close()
     if debug and not interrupted:
         err_console.print_exception()

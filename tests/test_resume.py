@@ -221,3 +221,30 @@ def test_strategies_with_unsaved_state_refuse_to_resume(tmp_path, tiny_recipe_da
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(state["recipe"]))
     with pytest.raises(ResumeError, match="cannot be resumed: plugin .*GEMPlugin has no state_dict"):
         resume_experiment(run_dir)
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "lwf", "naive"])
+def test_avalanche_regularisers_resume_exactly(strategy, tmp_path, monkeypatch):
+    """EWC's Fisher information and LwF's previous model go through cl-ext's adapters."""
+    import cl_ext.runner as runner
+
+    data = _base()
+    data["strategy"].update(name=strategy, memory=None, options={"ewc_lambda": 100.0} if strategy == "ewc" else {})
+    reference = reference_run(data, tmp_path / "reference")
+    save, saves = runner.save_checkpoint, []
+
+    def crash_after_two(*args, **kwargs):
+        save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(runner, "save_checkpoint", crash_after_two)
+    data["output"]["dir"] = str(tmp_path / "crashed")
+    recipe = validate_recipe(data)
+    run_dir = new_run_dir(recipe)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_experiment(build_experiment(recipe), run_dir)
+    monkeypatch.setattr(runner, "save_checkpoint", save)
+    resume(run_dir)
+    assert_identical(run_dir, reference)
