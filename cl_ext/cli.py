@@ -79,7 +79,9 @@ def run(
               "as a run that was never interrupted. Refused if the recipe or the code changed."),
     )] = None,
     threads: Annotated[
-        Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
+        Optional[int], typer.Option(min=1, help=(
+            "CPU threads for PyTorch (default: PyTorch's choice). On a machine busy with other jobs, "
+            "1 can be many times faster: threads that wait on each other spin."))
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")] = False,
 ) -> None:

@@ -58,6 +58,27 @@ class MemoryConfig(_Strict):
         return self
 
 
+class DataLoaderConfig(_Strict):
+    """Options of the DataLoaders Avalanche builds for training and evaluation."""
+
+    num_workers: int = Field(0, ge=0, description="worker processes that load batches (0: in the training process)")
+    pin_memory: bool | None = Field(None, description="page-locked batches for faster copies to CUDA (null: Avalanche's choice)")
+    persistent_workers: bool = Field(False, description="keep the workers alive between epochs (needs num_workers > 0)")
+
+    @model_validator(mode="after")
+    def _workers(self) -> "DataLoaderConfig":
+        if self.persistent_workers and self.num_workers == 0:
+            raise ValueError("persistent_workers needs num_workers > 0")
+        return self
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for Avalanche's ``train``/``eval``, which pass them to its DataLoaders."""
+        out: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.persistent_workers}
+        if self.pin_memory is not None:
+            out["pin_memory"] = self.pin_memory
+        return out
+
+
 class StrategyConfig(_Strict):
     name: str = "naive"
     epochs: int = Field(1, ge=1)
@@ -66,6 +87,7 @@ class StrategyConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     memory: MemoryConfig | None = None
+    dataloader: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop", description="a NaN or infinite training loss stops the run (naming the terms) or skips the batch"
     )

@@ -387,6 +387,7 @@ def checkpoint_state(exp: Experiment, wall_times: list[float], epoch: int | None
         "wall_times": list(wall_times),
         "recipe": recipe_to_dict(exp.recipe),
         "code": code_version(),
+        "class_order": list(exp.ctx.info.class_order),
         "model": state.model_state(exp.ctx.model),
         "optimizer": optimizer,
         "plugins": plugins,
@@ -469,6 +470,11 @@ def resume_experiment(run_dir: str | Path, overrides: list[str] | None = None,
     if newest["not_resumable"]:
         raise ResumeError(f"{run_dir}: the run cannot be resumed: " + "; ".join(newest["not_resumable"]))
     exp = build_experiment(recipe, run_dir)
+    if list(exp.ctx.info.class_order) != newest["class_order"]:
+        raise ResumeError(
+            f"{run_dir}: the benchmark now orders its classes {exp.ctx.info.class_order}, the run used "
+            f"{newest['class_order']}: the data or a library changed; start the run again"
+        )
     stream = exp.ctx.benchmark.benchmark.train_stream
     if checkpoint is not None:
         _restore(exp, checkpoint, list(stream)[: checkpoint["completed_experiences"]])
@@ -559,6 +565,7 @@ def run_experiment(
         exp.saved = (len(wall_times), epoch)
 
     exp.epoch_checkpoints.save = save_epoch
+    loaders = recipe.strategy.dataloader.kwargs()
     metrics: dict[str, Any] = collect_metrics(exp, wall_times, finished=False) if wall_times else {}
     finished = False
     try:
@@ -567,9 +574,9 @@ def run_experiment(
                 continue
             already = exp.checkpoint["elapsed_in_experience"] if exp.checkpoint else 0.0
             started = time.perf_counter()
-            exp.strategy.train(experience)
+            exp.strategy.train(experience, **loaders)
             with randomness.isolated(), phase("evaluating"):
-                exp.strategy.eval(benchmark.test_stream[: t + 1])
+                exp.strategy.eval(benchmark.test_stream[: t + 1], **loaders)
             wall_times.append(time.perf_counter() - started + already)
             exp.checkpoint = None
             metrics = collect_metrics(exp, wall_times, finished=False)

@@ -218,3 +218,28 @@ def test_eight_runs_started_at_the_same_instant_all_finish_in_eight_folders(tmp_
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 8
     assert all(json.loads((r / "metrics.json").read_text())["finished"] for r in runs)
+
+
+def test_dataloader_options_reach_avalanche_and_leave_results_alone(tmp_path, tiny_recipe_data):
+    tiny_recipe_data["strategy"].update(epochs=1)
+    tiny_recipe_data["benchmark"]["options"]["classes_per_exp"] = 5
+    plain, plain_weights = _run(json.loads(json.dumps(tiny_recipe_data)), tmp_path / "plain")
+    tiny_recipe_data["strategy"]["dataloader"] = {"num_workers": 1, "persistent_workers": True}
+    tiny_recipe_data["output"]["dir"] = str(tmp_path / "workers")
+    recipe = validate_recipe(tiny_recipe_data)
+    exp = build_experiment(recipe)
+    seen = []
+    for name in ("make_train_dataloader", "make_eval_dataloader"):
+        original = getattr(exp.strategy, name)
+
+        def spy(original=original, name=name, **kwargs):
+            seen.append((name, kwargs.get("num_workers"), kwargs.get("persistent_workers")))
+            return original(**kwargs)
+
+        setattr(exp.strategy, name, spy)
+    run_dir = new_run_dir(recipe)
+    workers = run_experiment(exp, run_dir)
+    assert set(seen) == {("make_train_dataloader", 1, True), ("make_eval_dataloader", 1, True)}
+    assert workers["seen_accuracy"] == plain["seen_accuracy"]
+    weights = torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]["weights"]
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)

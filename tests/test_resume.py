@@ -197,6 +197,10 @@ def test_resume_refuses_a_changed_recipe_a_finished_run_and_no_checkpoint(tmp_pa
     (run_dir / "metrics.json").write_text(json.dumps(dict(metrics, finished=False)))
     with pytest.raises(ResumeError, match=r"recipe differs.*strategy.epochs: 1 in the checkpoint, 2 now"):
         resume_experiment(run_dir, ["strategy.epochs=2"])
+    saved = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    torch.save(dict(saved, class_order=saved["class_order"][::-1]), run_dir / CHECKPOINT)
+    with pytest.raises(ResumeError, match="the benchmark now orders its classes"):
+        resume_experiment(run_dir)
     (run_dir / CHECKPOINT).write_bytes(b"torn")
     with pytest.raises(ResumeError, match="not a readable cl-ext checkpoint"):
         resume_experiment(run_dir)
