@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
+from torch import nn
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
@@ -209,7 +210,13 @@ class IncrementalAccuracy(PluginMetric[dict]):
 
 
 class NMEAccuracy(IncrementalAccuracy):
-    """The same metrics for the nearest-mean-of-exemplars classifier built from a memory."""
+    """The same metrics for the nearest-mean-of-exemplars classifier built from a memory.
+
+    The class means are computed once per evaluation. With a cl-ext model (whose forward is
+    ``classifier(features(x))``) and the default ``feature_fn``, the features are taken from
+    the evaluation's own forward pass as they enter the classifier, so the backbone runs once
+    per batch; otherwise ``feature_fn`` computes them again.
+    """
 
     prefix = "NMEAccuracy"
     result_key = "nme"
@@ -219,18 +226,35 @@ class NMEAccuracy(IncrementalAccuracy):
         self.memory = memory
         self.feature_fn = feature_fn
         self._nme: NMEClassifier | None = None
+        self._tap = None
+        self._features: torch.Tensor | None = None
 
     def before_eval(self, strategy) -> None:
         super().before_eval(strategy)
         self._nme = nme_from_memory(strategy.model, self.memory, strategy.device, self.feature_fn)
+        head = getattr(strategy.model, "classifier", None)
+        if self._nme is not None and self.feature_fn is model_features and isinstance(head, nn.Module):
+            self._tap = head.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args) -> None:
+        self._features = args[0].detach()
 
     def predictions(self, strategy) -> torch.Tensor:
-        with torch.no_grad():
-            return self._nme.predict(self.feature_fn(strategy.model, strategy.mb_x))
+        features, self._features = self._features, None
+        if self._tap is None or features is None:
+            with torch.no_grad():
+                features = self.feature_fn(strategy.model, strategy.mb_x)
+        return self._nme.predict(features)
 
     def after_eval_iteration(self, strategy) -> None:
         if self._nme is not None:
             super().after_eval_iteration(strategy)
+
+    def after_eval(self, strategy) -> list[MetricValue] | None:
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = self._features = None
+        return super().after_eval(strategy)
 
 
 @register("metric", "incremental_accuracy")

@@ -1,6 +1,7 @@
 import pytest
 
 from cl_ext.metrics import (
+    NMEAccuracy,
     _Counts,
     average_incremental_accuracy,
     final_average_accuracy,
@@ -56,3 +57,35 @@ def test_task_incremental_has_no_new_prediction_share():
     s = summarize(COUNTS[:2], newest_classes_known=False)
     assert s["new_prediction_share"] == [None, None]
     assert s["seen_accuracy"] == pytest.approx([0.9, 0.8])
+
+
+def test_nme_reuses_the_evaluation_forward_and_predicts_the_same(tmp_path, tiny_recipe_data, monkeypatch):
+    import math
+
+    import cl_ext.metrics as metrics_module
+    from cl_ext.config import validate_recipe
+    from cl_ext.runner import build_experiment, new_run_dir, run_experiment
+
+    tiny_recipe_data["strategy"]["epochs"] = 1
+    tiny_recipe_data["evaluation"] = {"metrics": ["incremental_accuracy", "nme_accuracy"]}
+
+    def run(folder):
+        tiny_recipe_data["output"]["dir"] = str(tmp_path / folder)
+        recipe = validate_recipe(tiny_recipe_data)
+        exp = build_experiment(recipe)
+        calls = []
+        exp.ctx.model.backbone.register_forward_hook(lambda *a: calls.append(1))
+        results = run_experiment(exp, new_run_dir(recipe))
+        return results, len(calls), exp
+
+    reused, reused_calls, exp = run("reuse")
+    # Another feature function makes the metric run the backbone again on every evaluation batch.
+    monkeypatch.setattr(metrics_module, "NMEAccuracy", lambda memory: NMEAccuracy(memory, lambda m, x: m.features(x)))
+    recomputed, recomputed_calls, _ = run("recompute")
+    assert reused["nme"] == recomputed["nme"]
+    test_stream = exp.ctx.benchmark.benchmark.test_stream
+    eval_batches = sum(
+        math.ceil(len(test_stream[j].dataset) / exp.strategy.eval_mb_size)
+        for t in range(len(test_stream)) for j in range(t + 1)
+    )
+    assert recomputed_calls - reused_calls == eval_batches
