@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -186,6 +187,8 @@ def run(
             )
 
         phase_start: dict[str, float] = {}
+        # A batch system's time limit sends SIGTERM before SIGKILL: stop as cleanly as on Ctrl-C.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             with listening(on_phase):
                 metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress,
@@ -203,6 +206,14 @@ def run(
         f"results: {run_dir / 'metrics.json'}"
         + "".join(f"\nreport: {path}" for path in reports)
     )
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 class RunLog:
@@ -225,7 +236,7 @@ class RunLog:
 
 def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: bool, finish_run) -> None:
     """A run that did not finish: report what did, finish the loggers, say how to go on, exit."""
-    interrupted = isinstance(err, KeyboardInterrupt)
+    interrupted = isinstance(err, (KeyboardInterrupt, Terminated))
     try:
         finish_run(experiment, run_dir)
     except Exception as report_err:  # the run's own error matters more
@@ -248,6 +259,8 @@ def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: 
     log.close()
     if debug and not interrupted:
         err_console.print_exception()
+    if isinstance(err, Terminated):
+        _fail(message, code=143, label="terminated (SIGTERM)")
     _fail(message, code=130 if interrupted else 1, label="interrupted" if interrupted else "the run stopped")
 
 

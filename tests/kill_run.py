@@ -2,11 +2,11 @@
 
     python tests/kill_run.py RECIPE SIGNAL POINT
 
-SIGNAL is KILL or INT; POINT is one of
+SIGNAL is KILL, INT or TERM; POINT is one of
 - ``iteration:N``: in the N-th training iteration (1-based, counted over the whole run), mid-epoch;
 - ``checkpoint:K``: right after the K-th experience's checkpoint is written, between experiences;
-- ``phase:NAME:N``: at the N-th step of the first phase whose name contains NAME (herding,
-  evaluation, UCIR/EEIL finetuning, BiC stage 2).
+- ``phase:NAME:N``: at the N-th step (counted over the whole run) of the phases whose name
+  contains NAME (exemplar selection, UCIR/EEIL finetuning, BiC stage 2, SLNID importance).
 
 The signal comes from the process itself at exactly that point, so the test knows where the
 run stopped; what the process does after it (nothing, for SIGKILL) is the real thing.
@@ -27,7 +27,7 @@ from cl_ext.progress import listening
 
 def main(recipe: str, signal_name: str, point: str) -> None:
     torch.set_num_threads(1)  # as the tests: bit-identity needs the same reduction order
-    sig = {"KILL": signal.SIGKILL, "INT": signal.SIGINT}[signal_name]
+    sig = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}[signal_name]
     kind, *args = point.split(":")
     count = {"n": 0}
 
@@ -58,8 +58,10 @@ def main(recipe: str, signal_name: str, point: str) -> None:
         raise SystemExit(f"unknown point {point!r}")
 
     def on_phase(event) -> None:
-        if kind == "phase" and args[0] in event.name and event.kind == "advance" and event.done == int(args[1]):
-            stop()
+        if kind == "phase" and args[0] in event.name and event.kind == "advance":
+            count["n"] += 1
+            if count["n"] == int(args[1]):
+                stop()
 
     with listening(on_phase):
         sys.argv = ["cl-ext", "run", recipe]

@@ -185,6 +185,20 @@ def test_ctrl_c_finishes_wandb_reports_and_resumes(tmp_path, monkeypatch):
     assert_identical(run_dir, reference)
 
 
+@pytest.mark.slow
+def test_sigterm_from_a_batch_system_stops_cleanly_and_resumes(tmp_path):
+    data = recipe_for("bic")
+    reference = reference_run(data, tmp_path / "reference")
+    # Two classes per experience: the 3rd class selected is the first of experience 2.
+    stopped, run_dir = stopped_run(write_recipe(data, tmp_path / "stopped"), "TERM", "phase:exemplar selection:3")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    out = " ".join(stopped.stderr.split())
+    assert "terminated (SIGTERM): 1/5 experiences finished" in out and "resume with: cl-ext run --resume" in out
+    assert not json.loads((run_dir / "metrics.json").read_text())["finished"]
+    resume(run_dir)
+    assert_identical(run_dir, reference)
+
+
 def test_resume_refuses_a_changed_recipe_a_finished_run_and_no_checkpoint(tmp_path, tiny_recipe_data):
     tiny_recipe_data["strategy"]["epochs"] = 1
     tiny_recipe_data["output"]["dir"] = str(tmp_path)
