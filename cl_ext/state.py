@@ -3,7 +3,7 @@
 A plugin declares its state through one protocol: ``state_dict()`` returns plain data
 (tensors, numbers, strings, lists, dicts) and ``load_state_dict(state)`` puts it back.
 Avalanche's own plugins do not follow it, so the ones whose state cl-ext knows get an
-adapter here (the clock, periodic evaluation, the LR scheduler, MAS, EWC, LwF); any other plugin makes
+adapter here (the clock, periodic evaluation, the LR scheduler, MAS, EWC, LwF, SI); any other plugin makes
 :func:`plugin_states` name it as a reason why the run cannot be resumed, rather than
 resume it with state silently lost.
 
@@ -18,7 +18,13 @@ from typing import Any, Callable
 
 import torch
 from avalanche.models.utils import avalanche_model_adaptation
-from avalanche.training.plugins import EWCPlugin, LRSchedulerPlugin, LwFPlugin, MASPlugin
+from avalanche.training.plugins import (
+    EWCPlugin,
+    LRSchedulerPlugin,
+    LwFPlugin,
+    MASPlugin,
+    SynapticIntelligencePlugin,
+)
 from avalanche.training.plugins.clock import Clock
 from avalanche.training.plugins.evaluation import EvaluationPlugin
 from avalanche.training.templates.base_sgd import PeriodicEval
@@ -164,6 +170,40 @@ def _load_lwf(plugin: LwFPlugin, state, strategy) -> None:
         load_model_state(lwf.prev_model, state["prev_model"])
 
 
+def _plain(value: Any) -> Any:
+    """Nested dicts/tuples of tensors and ParamData as plain data (ParamData marked as such)."""
+    if isinstance(value, ParamData):
+        return {"param_data": value.name, "tensor": value.data.detach().cpu().clone()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return {"tuple": [_plain(v) for v in value]}
+    raise NotResumable(f"cannot save a {type(value).__name__}")
+
+
+def _unplain(value: Any, device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict) and set(value) == {"param_data", "tensor"}:
+        t = value["tensor"].to(device)
+        return ParamData(value["param_data"], t.shape, device=device, init_tensor=t)
+    if isinstance(value, dict) and set(value) == {"tuple"}:
+        return tuple(_unplain(v, device) for v in value["tuple"])
+    return {k: _unplain(v, device) for k, v in value.items()}
+
+
+def _save_si(plugin: SynapticIntelligencePlugin, strategy) -> dict[str, Any]:
+    return {"ewc_data": _plain(plugin.ewc_data), "syn_data": _plain(plugin.syn_data)}
+
+
+def _load_si(plugin: SynapticIntelligencePlugin, state, strategy) -> None:
+    device = plugin.device(strategy)
+    plugin.ewc_data = _unplain(state["ewc_data"], device)
+    plugin.syn_data = _unplain(state["syn_data"], device)
+
+
 def _save_evaluator(plugin: EvaluationPlugin, strategy) -> dict[str, Any]:
     # The metrics are saved by the runner, which knows them; loggers may carry state.
     loggers = {}
@@ -189,6 +229,7 @@ ADAPTERS: dict[type, tuple[Saver, Loader]] = {
     MASPlugin: (_save_mas, _load_mas),
     EWCPlugin: (_save_ewc, _load_ewc),
     LwFPlugin: (_save_lwf, _load_lwf),
+    SynapticIntelligencePlugin: (_save_si, _load_si),
     EvaluationPlugin: (_save_evaluator, _load_evaluator),
 }
 

@@ -241,9 +241,9 @@ def test_strategies_with_unsaved_state_refuse_to_resume(tmp_path, tiny_recipe_da
         resume_experiment(run_dir)
 
 
-@pytest.mark.parametrize("strategy", ["ewc", "lwf", "naive"])
+@pytest.mark.parametrize("strategy", ["ewc", "lwf", "si", "naive"])
 def test_avalanche_regularisers_resume_exactly(strategy, tmp_path, monkeypatch):
-    """EWC's Fisher information and LwF's previous model go through cl-ext's adapters."""
+    """EWC's Fisher information, LwF's previous model and SI's path integrals go through cl-ext's adapters."""
     import cl_ext.runner as runner
 
     data = _base()
