@@ -39,6 +39,7 @@ import avalanche.training.plugins.bic as avalanche_bic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cl_ext, not an installed one
 from cl_ext.config import validate_recipe
+from cl_ext.randomness import isolated, measurement
 from cl_ext.runner import build_experiment
 
 
@@ -95,14 +96,15 @@ def correction_off(model: nn.Module, name: str):
 
 
 @torch.no_grad()
-@torch.random.fork_rng(devices=[])
+@measurement
 def step_stats(model, test_stream, newest_start: int, transform=None) -> dict[str, float | None]:
     """Old/new accuracy and newest-class prediction share on the test data seen so far.
 
     ``transform`` post-processes the outputs, for Avalanche's plugin, which corrects
     ``strategy.mb_output`` in its ``after_eval_forward`` instead of the model's outputs.
-    The RNG is forked (DataLoaders draw a seed from it), so measuring twice for the
-    correcting methods leaves their training identical to replay's with the same seed.
+    A measurement (``cl_ext.randomness.measurement``: DataLoaders draw a seed from the global
+    generator), so measuring twice for the correcting methods leaves their training identical
+    to replay's with the same seed.
     """
     was_training = model.training
     model.eval()
@@ -146,7 +148,8 @@ def run(args, method: str, seed: int) -> dict:
     for t, experience in enumerate(stream.train_stream):
         start = time.perf_counter()
         strategy.train(experience)
-        strategy.eval(stream.test_stream[: t + 1])
+        with isolated():  # as the runner does: evaluating must not shift the next step's training
+            strategy.eval(stream.test_stream[: t + 1])
         wall += time.perf_counter() - start
         newest = sum(sizes[:t])
         seen_tests = stream.test_stream[: t + 1]
@@ -162,7 +165,7 @@ def run(args, method: str, seed: int) -> dict:
                 row["alpha"] = float(avalanche_plugin.bias_layer.alpha)
                 row["beta"] = float(avalanche_plugin.bias_layer.beta)
         steps.append(row)
-    results = exp.metrics[0].results()
+    results = exp.headline.results()
     if method == "bic":
         for row, fitted in zip(steps[1:], exp.named_plugins["bic"].summary()["steps"]):
             row["alpha"], row["beta"] = fitted["alpha"], fitted["beta"]

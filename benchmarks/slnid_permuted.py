@@ -31,10 +31,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from cl_ext.config import load_recipe  # noqa: E402
 from cl_ext.plugins.slnid import activation_sparsity  # noqa: E402
+from cl_ext.randomness import measurement  # noqa: E402
 from cl_ext.runner import build_experiment, new_run_dir, run_experiment  # noqa: E402
 
 
 @torch.no_grad()
+@measurement
 def hidden_activations(model: nn.Module, test_stream, device) -> dict[str, torch.Tensor]:
     """Post-ReLU activations of every fully connected ReLU on all test experiences."""
     relus = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
