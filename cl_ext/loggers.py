@@ -101,7 +101,8 @@ class WandbLogger(BaseLogger):
         strategy = Naive(..., evaluator=EvaluationPlugin(IncrementalAccuracy(), loggers=[logger]))
         for t, experience in enumerate(benchmark.train_stream):
             strategy.train(experience)
-            strategy.eval(benchmark.test_stream[: t + 1])
+            with isolated():  # evaluating leaves the training randomness alone
+                strategy.eval(benchmark.test_stream[: t + 1])
         logger.close()
 
     - The W&B run starts when the first values arrive, in ``dir`` (a path, or a function

@@ -23,6 +23,7 @@ from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin
 from cl_ext.metrics import IncrementalAccuracy, NMEAccuracy
 from cl_ext.models import MLP, IncrementalNet, linear_head, use_cosine_head
 from cl_ext.plugins import UCIRPlugin
+from cl_ext.randomness import isolated
 from cl_ext.training import PhaseSchedule
 
 
@@ -73,7 +74,8 @@ def main(epochs: int = 10, finetune_epochs: int = 20, seed: int = 0) -> dict:
     )
     for t, experience in enumerate(benchmark.train_stream):
         strategy.train(experience)
-        strategy.eval(benchmark.test_stream[: t + 1])
+        with isolated():  # evaluating leaves the training randomness alone
+            strategy.eval(benchmark.test_stream[: t + 1])
     return {"cnn": cnn.results(), "nme": nme.results(), "ucir": ucir.summary()}
 
 
