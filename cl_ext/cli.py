@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from datetime import datetime
@@ -188,7 +189,9 @@ def run(
 
         phase_start: dict[str, float] = {}
         # A batch system's time limit sends SIGTERM before SIGKILL: stop as cleanly as on Ctrl-C.
-        signal.signal(signal.SIGTERM, _terminate)
+        # (Signal handlers can only be set from the main thread.)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             with listening(on_phase):
                 metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress,
@@ -196,6 +199,9 @@ def run(
         except BaseException as err:  # Ctrl-C included: close the loggers, report what finished
             bar.stop()
             _stopped(err, experiment, run_dir, log, debug, finish_run)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     reports = finish_run(experiment, run_dir)
     log.close()
     console.print(table)
