@@ -244,7 +244,10 @@ def plugin_states(strategy) -> tuple[dict[str, Any], list[str]]:
     for i, plugin in enumerate(strategy.plugins):
         adapter = ADAPTERS.get(type(plugin))
         if adapter is not None:
-            states[_key(i, plugin)] = adapter[0](plugin, strategy)
+            try:
+                states[_key(i, plugin)] = adapter[0](plugin, strategy)
+            except NotResumable as err:  # a checkpoint still saves the rest; resume will refuse
+                missing.append(f"plugin {type(plugin).__name__}: {err}")
         elif callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None)):
             states[_key(i, plugin)] = plugin.state_dict()
         else:
