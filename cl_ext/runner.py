@@ -12,6 +12,7 @@ with the same weights and results as a run that was never interrupted.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -91,7 +92,17 @@ class EpochReport:
     seconds: float
 
 
-class ProgressPlugin(SupervisedPlugin):
+class StatelessPlugin(SupervisedPlugin):
+    """A runner plugin with nothing to save: the state protocol, empty."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ProgressPlugin(StatelessPlugin):
     """Reports training progress: each iteration (done, total) and each epoch (mean loss, images/s)."""
 
     def __init__(self, n_experiences: int):
@@ -130,14 +141,8 @@ class ProgressPlugin(SupervisedPlugin):
             loss=float(self._loss_sum) / self._seen, images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
         ))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class EpochCheckpointPlugin(SupervisedPlugin):
+class EpochCheckpointPlugin(StatelessPlugin):
     """Saves a checkpoint every ``every`` epochs inside an experience (not after its last epoch).
 
     Attached last, after Avalanche's clock, so the saved clock has counted the epoch.
@@ -154,12 +159,6 @@ class EpochCheckpointPlugin(SupervisedPlugin):
         if self.every and self.save is not None and done % self.every == 0 and done < strategy.train_epochs:
             self.save(done)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
 
 @dataclass
 class Experiment:
@@ -174,12 +173,16 @@ class Experiment:
     guard: NonFiniteLossGuard
     epoch_checkpoints: EpochCheckpointPlugin
     history: dict[str, Any] = field(default_factory=dict)
-    # Set by resume_experiment: where the run continues.
-    completed: int = 0
+    # Wall time of each finished experience (restored by resume_experiment, where the run continues).
     wall_times: list[float] = field(default_factory=list)
-    checkpoint: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None  # an epoch checkpoint to load inside the next experience
     # What the run directory's newest checkpoint holds: (experiences done, epochs of the next), or None.
     saved: tuple[int, int] | None = None
+
+    @property
+    def completed(self) -> int:
+        """Experiences finished so far."""
+        return len(self.wall_times)
 
     def describe_saved(self) -> str:
         if self.saved is None:
@@ -249,14 +252,24 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     return Experiment(recipe, ctx, strategy, metrics, named_plugins, progress, guard, epoch_checkpoints)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a temporary file, then rename it: a kill leaves the previous file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+@functools.cache
 def code_version() -> dict[str, Any]:
-    """What a resumed run must run with to continue bit for bit: cl-ext's source, torch, Avalanche."""
+    """What a resumed run must run with to continue bit for bit: cl-ext's source, torch, Avalanche.
+
+    Computed once per process (the source that runs is the source imported at the start), not
+    at every checkpoint.
+    """
     import avalanche
 
     digest = hashlib.sha256()
@@ -398,9 +411,7 @@ def checkpoint_state(exp: Experiment, wall_times: list[float], epoch: int | None
 
 
 def _save(state_dict: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
+    _replace_atomically(path, lambda tmp: torch.save(state_dict, tmp))
 
 
 def save_checkpoint(exp: Experiment, run_dir: Path, wall_times: list[float]) -> None:
@@ -478,7 +489,6 @@ def resume_experiment(run_dir: str | Path, overrides: list[str] | None = None,
     stream = exp.ctx.benchmark.benchmark.train_stream
     if checkpoint is not None:
         _restore(exp, checkpoint, list(stream)[: checkpoint["completed_experiences"]])
-    exp.completed = (checkpoint or {"completed_experiences": 0})["completed_experiences"]
     exp.wall_times = list((checkpoint or {"wall_times": []})["wall_times"])
     exp.saved = (exp.completed, 0)
     if epoch_checkpoint is not None and epoch_checkpoint["completed_experiences"] == exp.completed:
@@ -567,10 +577,11 @@ def run_experiment(
     exp.epoch_checkpoints.save = save_epoch
     loaders = recipe.strategy.dataloader.kwargs()
     metrics: dict[str, Any] = collect_metrics(exp, wall_times, finished=False) if wall_times else {}
+    first = exp.completed
     finished = False
     try:
         for t, experience in enumerate(benchmark.train_stream):
-            if t < exp.completed:
+            if t < first:
                 continue
             already = exp.checkpoint["elapsed_in_experience"] if exp.checkpoint else 0.0
             started = time.perf_counter()
