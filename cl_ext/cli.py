@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -168,13 +167,11 @@ def run(
         def on_phase(event) -> None:
             where = f"experience {current['experience'] + 1}/{info.n_experiences}: {event.name}"
             if event.kind == "start":
-                phase_start[event.name] = time.perf_counter()
                 bar.update(task, description=where, completed=0, total=event.total)
             elif event.kind == "advance":
                 bar.update(task, completed=event.done)
             else:
-                seconds = time.perf_counter() - phase_start.pop(event.name, time.perf_counter())
-                log.line(f"{where}" + (f": {event.note}" if event.note else "") + f" ({seconds:.1f} s)")
+                log.line(f"{where}" + (f": {event.note}" if event.note else "") + f" ({event.seconds:.1f} s)")
 
         def on_step(result) -> None:
             m, t = result.metrics, result.step
@@ -187,7 +184,6 @@ def run(
                 f"({row[6]} s)", always=True,
             )
 
-        phase_start: dict[str, float] = {}
         # A batch system's time limit sends SIGTERM before SIGKILL: stop as cleanly as on Ctrl-C.
         # (Signal handlers can only be set from the main thread.)
         main_thread = threading.current_thread() is threading.main_thread()

@@ -8,6 +8,7 @@ moving and its log names what is running. With nobody listening a phase costs no
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -17,13 +18,15 @@ Advance = Callable[[int], None]
 
 @dataclass
 class PhaseEvent:
-    """``kind`` is "start", "advance" or "end"; ``note`` (at the end) says what the phase achieved."""
+    """``kind`` is "start", "advance" or "end"; at the end, ``note`` says what the phase achieved
+    and ``seconds`` how long it took."""
 
     kind: str
     name: str
     done: int = 0
     total: int | None = None
     note: str = ""
+    seconds: float = 0.0
 
 
 Listener = Callable[[PhaseEvent], None]
@@ -47,6 +50,7 @@ def _emit(event: PhaseEvent) -> None:
 class _Phase:
     def __init__(self, name: str, total: int | None):
         self.name, self.total, self.done, self.note = name, total, 0, ""
+        self.start = time.perf_counter()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -62,4 +66,4 @@ def phase(name: str, total: int | None = None) -> Iterator[_Phase]:
     try:
         yield current
     finally:
-        _emit(PhaseEvent("end", name, current.done, total, current.note))
+        _emit(PhaseEvent("end", name, current.done, total, current.note, time.perf_counter() - current.start))
