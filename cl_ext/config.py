@@ -87,6 +87,12 @@ class StrategyConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     memory: MemoryConfig | None = None
+    data_path: Literal["auto", "tensor", "avalanche"] = Field(
+        "auto",
+        description="auto: batches gathered from in-memory tensors and augmented per batch wherever the data "
+        "allows, else Avalanche's per-sample loaders; tensor: the same, and an error where the data does not "
+        "allow it; avalanche: always Avalanche's per-sample loaders (strategy.dataloader applies to them)",
+    )
     dataloader: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop", description="a NaN or infinite training loss stops the run (naming the terms) or skips the batch"

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
 from torch import nn
-from torch.utils.data import DataLoader
 
+from cl_ext.data import loader, tensor_enabled
 from cl_ext.progress import phase
 from cl_ext.randomness import measurement
 
@@ -46,24 +46,28 @@ def herding_order(features: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of ``n`` exemplars in herding priority order.
 
     Step k picks the sample that brings the mean of the k chosen normalised features
-    closest to the normalised class mean (iCaRL Alg. 4); no sample is picked twice.
+    closest to the normalised class mean (iCaRL Alg. 4); no sample is picked twice. With
+    unit-norm features f_i and S the sum of the k-1 chosen ones,
+    ||mu - (S + f_i)/k||^2 = const - (2/k) f_i . (k mu - S) + 1/k^2, so the pick is the
+    largest f_i . (k mu - S): one matrix-vector product per pick, nothing of size N x D
+    rebuilt.
     """
     if features.dim() != 2:
         raise ValueError(f"herding expects features of shape (N, D), got {tuple(features.shape)}")
     n = min(n, features.shape[0])
-    feats = F.normalize(features.double(), dim=1)
+    feats = F.normalize(features.float(), dim=1)
     class_mean = feats.mean(0)
     running_sum = torch.zeros_like(class_mean)
-    taken = torch.zeros(feats.shape[0], dtype=torch.bool)
-    order = []
+    taken = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
+    order = torch.empty(n, dtype=torch.long)
     for k in range(1, n + 1):
-        distance = ((class_mean - (running_sum + feats) / k) ** 2).sum(1)
-        distance[taken] = float("inf")
-        pick = int(distance.argmin())
-        order.append(pick)
+        score = feats @ (k * class_mean - running_sum)
+        score[taken] = -float("inf")
+        pick = int(score.argmax())
+        order[k - 1] = pick
         taken[pick] = True
         running_sum += feats[pick]
-    return torch.tensor(order, dtype=torch.long)
+    return order
 
 
 @measurement
@@ -74,22 +78,25 @@ def extract_features(
     device: torch.device | str,
     feature_fn: FeatureFn = model_features,
     batch_size: int = 256,
+    tensor: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of ``dataset`` on its eval transforms, model in eval mode.
 
     The model's train/eval flags are restored afterwards (Avalanche calls ``train()`` only
     once per ``train`` call, so a plugin that switches modes must switch back), and so is
-    the training randomness (a measurement: see :mod:`cl_ext.randomness`).
+    the training randomness (a measurement: see :mod:`cl_ext.randomness`). ``tensor``:
+    batches from the tensor data path where the dataset allows (:mod:`cl_ext.data`; the
+    same values as Avalanche's path, since evaluation transforms draw nothing).
     """
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     feats, labels = [], []
     try:
         data = dataset.eval() if hasattr(dataset, "eval") else dataset
-        for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        for batch in loader(data, batch_size, device, tensor=tensor):
             x, y = batch[0].to(device), batch[1]
             feats.append(feature_fn(model, x).detach().cpu())
-            labels.append(torch.as_tensor(y))
+            labels.append(torch.as_tensor(y).cpu())
     finally:
         for module, flag in was_training.items():
             module.train(flag)
@@ -214,8 +221,11 @@ class ExemplarMemory:
             held[chosen] = True
         return torch.nonzero(~held).flatten().tolist()
 
-    def update(self, model: nn.Module, dataset, device: torch.device | str, experience: int = 0) -> None:
-        """Add the classes of ``dataset`` that are not stored yet, then shrink all to the quota."""
+    def update(
+        self, model: nn.Module, dataset, device: torch.device | str, experience: int = 0, tensor: bool = True
+    ) -> None:
+        """Add the classes of ``dataset`` that are not stored yet, then shrink all to the quota
+        (herding features from the tensor data path when ``tensor`` and the dataset allows)."""
         targets = torch.as_tensor(list(dataset.targets))
         new_classes = [int(c) for c in targets.unique() if int(c) not in self._classes]
         n_classes = len(self._classes) + len(new_classes)
@@ -235,18 +245,18 @@ class ExemplarMemory:
                 candidates = torch.nonzero(targets == label).flatten()
                 if label in self._holdout:
                     candidates = candidates[~torch.isin(candidates, self._holdout[label].indices)]
-                order = self._select(model, dataset, candidates, quota - n_holdout, device)
+                order = self._select(model, dataset, candidates, quota - n_holdout, device, tensor)
                 chosen = candidates[order]
                 self._classes[label] = _ClassExemplars(experience, chosen, dataset.subset(chosen.tolist()))
                 report.advance()
         self._shrink(self._classes, quota - n_holdout)
         self._shrink(self._holdout, n_holdout)
 
-    def _select(self, model, dataset, candidates: torch.Tensor, quota: int, device) -> torch.Tensor:
+    def _select(self, model, dataset, candidates: torch.Tensor, quota: int, device, tensor: bool) -> torch.Tensor:
         if self.selection == "random":
             return torch.randperm(len(candidates), generator=self._generator)[:quota]
         features, _ = extract_features(
-            model, dataset.subset(candidates.tolist()), device, self.feature_fn, self.batch_size
+            model, dataset.subset(candidates.tolist()), device, self.feature_fn, self.batch_size, tensor
         )
         return herding_order(features, quota)
 
@@ -311,6 +321,7 @@ class ExemplarMemoryPlugin(SupervisedPlugin):
             strategy.experience.dataset,
             strategy.device,
             experience=strategy.experience.current_experience,
+            tensor=tensor_enabled(strategy),
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 
 from cl_ext.context import BuildContext
+from cl_ext.data import tensor_enabled
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, model_features
 from cl_ext.nme import NMEClassifier, nme_from_memory
@@ -231,7 +232,9 @@ class NMEAccuracy(IncrementalAccuracy):
 
     def before_eval(self, strategy) -> None:
         super().before_eval(strategy)
-        self._nme = nme_from_memory(strategy.model, self.memory, strategy.device, self.feature_fn)
+        self._nme = nme_from_memory(
+            strategy.model, self.memory, strategy.device, self.feature_fn, tensor_enabled(strategy)
+        )
         head = getattr(strategy.model, "classifier", None)
         if self._nme is not None and self.feature_fn is model_features and isinstance(head, nn.Module):
             self._tap = head.register_forward_pre_hook(self._capture)

@@ -39,10 +39,11 @@ def nme_from_memory(
     memory: ExemplarMemory,
     device: torch.device | str,
     feature_fn: FeatureFn = model_features,
+    tensor: bool = True,
 ) -> NMEClassifier | None:
     """Class means of the current model's exemplar features; None while the memory is empty."""
     stored = memory.dataset()
     if stored is None:
         return None
-    features, labels = extract_features(model, stored, device, feature_fn)
+    features, labels = extract_features(model, stored, device, feature_fn, tensor=tensor)
     return NMEClassifier.fit(features, labels)

@@ -36,6 +36,7 @@ import cl_ext
 from cl_ext import randomness, registry, state
 from cl_ext.config import Recipe, load_recipe, recipe_to_dict
 from cl_ext.context import BuildContext
+from cl_ext.data import TensorDataPlugin
 from cl_ext.errors import CLExtError, RecipeError
 from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin
 from cl_ext.metrics import IncrementalAccuracy
@@ -208,7 +209,10 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     strategy_entry = registry.get("strategy", recipe.strategy.name)
     owns_memory = getattr(strategy_entry.builder, "owns_memory", False)
     named_plugins: dict[str, Any] = {}
-    plugins: list[Any] = []
+    # First: it replaces Avalanche's loaders, and a plugin with loaders of its own still wins.
+    plugins: list[Any] = [] if recipe.strategy.data_path == "avalanche" else [
+        TensorDataPlugin(required=recipe.strategy.data_path == "tensor")
+    ]
     memory_config = recipe.strategy.memory
     if memory_config is not None and not owns_memory:
         ctx.memory = ExemplarMemory(

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cl_ext import progress
+from cl_ext.data import loader
 from cl_ext.errors import CLExtError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,6 +53,7 @@ def train_phase(
     generator: torch.Generator | None = None,
     description: str = "extra phase",
     before_step: Callable[[], None] | None = None,
+    tensor: bool = True,
 ) -> list[float]:
     """Train ``params`` on ``dataset`` for ``schedule.epochs`` epochs; returns the mean loss per epoch.
 
@@ -61,7 +62,8 @@ def train_phase(
     as BiC's stage 2 needs. Only ``params`` are updated; they must require gradients.
     ``before_step()``, if given, runs after each backward pass and before the optimizer step
     (to edit gradients, e.g. EEIL's gradient noise). The phase is announced to
-    :mod:`cl_ext.progress` under ``description``.
+    :mod:`cl_ext.progress` under ``description``. ``tensor``: batches from the tensor data
+    path where the dataset allows (:func:`cl_ext.data.loader`).
     """
     params = [p for p in params]
     if not params:
@@ -71,15 +73,15 @@ def train_phase(
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule.milestones, schedule.gamma)
     data = dataset.train() if (mode == "train" and hasattr(dataset, "train")) else dataset
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    batches = loader(data, batch_size, device, shuffle=True, generator=generator, tensor=tensor)
     was_training = {m: m.training for m in model.modules()}
     model.train(mode == "train")
     epoch_losses: list[float] = []
-    with progress.phase(description, total=schedule.epochs * len(loader)) as report:
+    with progress.phase(description, total=schedule.epochs * len(batches)) as report:
         try:
             for epoch in range(schedule.epochs):
                 total, count = 0.0, 0
-                for iteration, batch in enumerate(loader):
+                for iteration, batch in enumerate(batches):
                     x, y = batch[0].to(device), batch[1].to(device)
                     loss = loss_fn(x, y)
                     if not torch.isfinite(loss):

@@ -171,6 +171,10 @@ def test_statistics_and_factors(il2m_run):
     current_mean, _ = true_class_means(model, exp.ctx.memory.dataset(range(4)), 4, scores)
     confidence_then = torch.tensor(plugin.confidence)[[0, 0, 1, 1]]
     expected = plugin.init_mean[:4] / current_mean * plugin.confidence[2] / confidence_then
+    # The ratio is applied only between positive statistics; elsewhere the factor is 1.
+    defined = (plugin.init_mean[:4] > 0) & (current_mean > 0) & (confidence_then > 0) & (plugin.confidence[2] > 0)
+    assert defined.any()
+    expected = torch.where(defined, expected, torch.ones_like(expected))
     assert plugin.rectifier.scale.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
 
 

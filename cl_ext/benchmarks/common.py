@@ -10,23 +10,39 @@ from avalanche.benchmarks import nc_benchmark
 from torch.utils.data import Dataset
 
 from cl_ext.context import BenchmarkBundle, BenchmarkInfo
+from cl_ext.data import with_sample_ids
 from cl_ext.errors import RecipeError
 
 
 class ArrayDataset(Dataset):
-    """Images held in memory as one tensor (uint8 CHW for images), with ``targets`` for Avalanche."""
+    """Images held in memory as one tensor (uint8 CHW for images), with ``targets`` for Avalanche.
+
+    ``gather(rows, device)`` serves the tensor data path (:mod:`cl_ext.data`); the images
+    are copied to an accelerator once, on first use there.
+    """
 
     def __init__(self, x: torch.Tensor, y: Sequence[int] | torch.Tensor):
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         self.x = x
         self.targets = torch.as_tensor(y, dtype=torch.long)
+        self._copies: dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, index: int):
         return self.x[index], int(self.targets[index])
+
+    def stored_on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.x
+        if device not in self._copies:
+            self._copies[device] = self.x.to(device)
+        return self._copies[device]
+
+    def gather(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.stored_on(device)[rows]
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -100,8 +116,8 @@ def class_incremental(
     order = resolve_class_order(class_order, n_classes, order_seed)
     sizes = split_sizes(n_classes, first_exp_classes, classes_per_exp)
     benchmark = nc_benchmark(
-        train,
-        test,
+        with_sample_ids(train),
+        with_sample_ids(test),
         n_experiences=len(sizes),
         task_labels=False,
         fixed_class_order=order,

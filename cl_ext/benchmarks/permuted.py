@@ -19,28 +19,44 @@ from torchvision import datasets
 from cl_ext.benchmarks.common import cap_per_class
 from cl_ext.benchmarks.vision import torchvision_arrays
 from cl_ext.context import BenchmarkBundle, BenchmarkInfo, BuildContext
+from cl_ext.data import ImagePipeline, with_sample_ids
 from cl_ext.errors import RecipeError
 from cl_ext.registry import register
 
 
 class PermutedImages(Dataset):
-    """uint8 images (N, H, W) served as float (1, H, W) in [0, 1] with their pixels permuted,
-    labelled with task ``task``. The permutation is applied per item, so the tasks share one
-    copy of the images."""
+    """Every task's copy of uint8 images (N, H, W), each with the task's pixel permutation:
+    sample ``k`` is image ``k % N`` of task ``k // N``, served as uint8 (1, H, W). The tasks
+    share one copy of the images; the permutation is applied when a sample or a batch is read."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, permutation: torch.Tensor, task: int):
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, permutations: list[torch.Tensor]):
         self.images = images
-        self.targets = targets
-        self.targets_task_labels = torch.full_like(targets, task)
-        self.permutation = permutation
+        self.permutations = torch.stack(permutations)
+        n_tasks = len(permutations)
+        self.targets = targets.repeat(n_tasks)
+        self.task_labels = torch.arange(n_tasks).repeat_interleave(len(images))
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.targets)
 
     def __getitem__(self, index: int):
-        image = self.images[index]
-        pixels = image.reshape(-1)[self.permutation].reshape(1, *image.shape)
-        return pixels.float() / 255.0, int(self.targets[index])
+        task, row = divmod(index, len(self.images))
+        image = self.images[row]
+        pixels = image.reshape(-1)[self.permutations[task]].reshape(1, *image.shape)
+        return pixels, int(self.targets[index])
+
+    def task(self, task: int) -> range:
+        """The samples of one task."""
+        return range(task * len(self.images), (task + 1) * len(self.images))
+
+    def gather(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = (self.images.to(device).flatten(1), self.permutations.to(device))
+        images, permutations = self._copies[device]
+        task, row = rows.div(len(self.images), rounding_mode="floor"), rows.remainder(len(self.images))
+        pixels = images[row].gather(1, permutations[task])
+        return pixels.view(len(rows), 1, *self.images.shape[1:])
 
 
 def task_permutations(n_tasks: int, n_pixels: int, seed: int, permute_first: bool = False) -> list[torch.Tensor]:
@@ -73,10 +89,14 @@ def build_permuted_mnist(
     x_train, y_train = x_train[keep], y_train[keep]
     seed = ctx.recipe.seed if permutation_seed is None else permutation_seed
     perms = task_permutations(n_experiences, x_train[0].numel(), seed, permute_first)
-    benchmark = dataset_benchmark(
-        [PermutedImages(x_train, y_train, p, t) for t, p in enumerate(perms)],
-        [PermutedImages(x_test, y_test, p, t) for t, p in enumerate(perms)],
-    )
+    # Pixels scaled to [0, 1] as torchvision's ToTensor does, without normalisation (the authors' setting).
+    to_float = ImagePipeline("div255")
+    splits = []
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        images = PermutedImages(x, y, perms)
+        whole = with_sample_ids(images, images.task_labels)
+        splits.append([whole.subset(images.task(t)) for t in range(n_experiences)])
+    benchmark = dataset_benchmark(*splits, train_transform=to_float, eval_transform=to_float)
     n_classes = int(y_train.max()) + 1
     info = BenchmarkInfo(
         name="permuted_mnist",

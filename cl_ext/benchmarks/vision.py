@@ -7,10 +7,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
-
 from cl_ext.benchmarks.common import ArrayDataset, cap_per_class, class_incremental, images_to_tensor
 from cl_ext.context import BenchmarkBundle, BuildContext
+from cl_ext.data import ImagePipeline
 from cl_ext.errors import DataNotFoundError
 from cl_ext.registry import register
 
@@ -21,11 +20,12 @@ CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 MNIST_STATS = ((0.1307,), (0.3081,))
 
 
-def image_transforms(stats, augment: Literal["none", "cifar"]) -> tuple[v2.Compose, v2.Compose]:
+def image_transforms(stats, augment: Literal["none", "cifar"]) -> tuple[ImagePipeline, ImagePipeline]:
     """uint8 CHW tensors -> normalised float; ``cifar`` adds the standard pad-4 crop and mirror."""
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats)]
-    train = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment == "cifar" else []
-    return v2.Compose(train + to_float), v2.Compose(to_float)
+    mean, std = (tuple(float(v) for v in s) for s in stats)
+    train = ImagePipeline("scale", mean, std, crop=32, padding=4, flip=True) if augment == "cifar" else None
+    evaluation = ImagePipeline("scale", mean, std)
+    return train or evaluation, evaluation
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -108,7 +108,7 @@ def build_digits(
     ])
     is_test = torch.zeros(len(y), dtype=torch.bool)
     is_test[test_idx] = True
-    normalize = v2.Normalize((0.5,), (0.5,))
+    normalize = ImagePipeline("none", (0.5,), (0.5,))
     return class_incremental(
         "digits",
         ArrayDataset(x[~is_test], y[~is_test]),

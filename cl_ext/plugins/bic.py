@@ -42,6 +42,7 @@ from torch.utils.data import TensorDataset
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
+from cl_ext.data import tensor_enabled
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
@@ -97,6 +98,7 @@ def fit_bias_correction(
     device: torch.device | str,
     beta_penalty: float = 0.1,
     generator: torch.Generator | None = None,
+    tensor: bool = True,
 ) -> tuple[float, float, list[float]]:
     """Stage 2 on cached validation logits: returns ``alpha``, ``beta`` and the loss per epoch."""
     params = nn.ParameterDict({
@@ -111,6 +113,7 @@ def fit_bias_correction(
     losses = train_phase(
         params, TensorDataset(logits, targets), params.values(), loss_fn, schedule,
         batch_size=batch_size, device=device, mode="eval", generator=generator, description="BiC stage 2",
+        tensor=tensor,
     )
     return params["alpha"].item(), params["beta"].item(), losses
 
@@ -216,11 +219,12 @@ class BiCPlugin(SupervisedPlugin):
             )
         logits, targets = extract_features(
             strategy.model, self.memory.holdout_dataset(classes), strategy.device, output_logits,
-            strategy.eval_mb_size,
+            strategy.eval_mb_size, tensor_enabled(strategy),
         )
         alpha, beta, losses = fit_bias_correction(
             logits, targets, start, end, self.schedule, batch_size=strategy.train_mb_size,
             device=strategy.device, beta_penalty=self.beta_penalty, generator=self._generator,
+            tensor=tensor_enabled(strategy),
         )
         self.bias_layer.set(alpha, beta, start, end)
         with torch.no_grad():

@@ -38,6 +38,7 @@ from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory
 from cl_ext.registry import register
+from cl_ext.data import tensor_enabled
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 # -- losses ----------------------------------------------------------------------------
@@ -167,7 +168,9 @@ class GradientNoise:
 # -- the plugin ---------------------------------------------------------------------------
 
 
-def balanced_dataset(old_exemplars, memory: ExemplarMemory, per_class: int, model: nn.Module, new_data, device):
+def balanced_dataset(
+    old_exemplars, memory: ExemplarMemory, per_class: int, model: nn.Module, new_data, device, tensor: bool = True
+):
     """The old exemplars plus ``per_class`` samples of each new class, picked like the memory picks.
 
     A throwaway :class:`ExemplarMemory` with the same selection does the subsampling, so the
@@ -176,7 +179,7 @@ def balanced_dataset(old_exemplars, memory: ExemplarMemory, per_class: int, mode
     picker = ExemplarMemory(
         per_class=per_class, selection=memory.selection, feature_fn=memory.feature_fn, batch_size=memory.batch_size
     )
-    picker.update(model, new_data, device)
+    picker.update(model, new_data, device, tensor=tensor)
     return old_exemplars.concat(picker.dataset())
 
 
@@ -273,7 +276,8 @@ class EEILPlugin(SupervisedPlugin):
     def _balanced_finetuning(self, strategy) -> None:
         model, device = strategy.model, strategy.device
         data = balanced_dataset(
-            self._old_exemplars, self.memory, self._old_per_class, model, strategy.experience.dataset, device
+            self._old_exemplars, self.memory, self._old_per_class, model, strategy.experience.dataset, device,
+            tensor_enabled(strategy),
         )
         teacher = frozen_copy(model)
         # The temporary term: the new step's units join the distilled ones for this phase only.
@@ -289,7 +293,7 @@ class EEILPlugin(SupervisedPlugin):
         losses = train_phase(
             model, data, model.parameters(), loss_fn, self.finetune,
             batch_size=self.batch_size, device=device, description="EEIL balanced fine-tuning",
-            before_step=lambda: self._add_noise(model),
+            before_step=lambda: self._add_noise(model), tensor=tensor_enabled(strategy),
         )
         counts = torch.as_tensor(list(data.targets)).bincount()
         self._finetune_log.append({

@@ -49,6 +49,7 @@ from torch import nn
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
+from cl_ext.data import tensor_enabled
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
@@ -209,7 +210,9 @@ class IL2MPlugin(SupervisedPlugin):
     def _scores(self, strategy, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         # A measurement (extract_features leaves the training randomness alone), so IL2M trains
         # exactly plain rehearsal's model with the same seed: a paired comparison.
-        logits, targets = extract_features(strategy.model, dataset, strategy.device, output_logits, self.batch_size)
+        logits, targets = extract_features(
+            strategy.model, dataset, strategy.device, output_logits, self.batch_size, tensor_enabled(strategy)
+        )
         return class_scores(logits, self.rectifier.scores), targets.long()
 
     # -- reporting and persistence ---------------------------------------------------------

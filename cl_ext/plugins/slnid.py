@@ -29,9 +29,9 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cl_ext.context import BuildContext
+from cl_ext.data import loader, tensor_enabled
 from cl_ext.progress import phase
 from cl_ext.randomness import measurement
 from cl_ext.registry import register
@@ -229,14 +229,12 @@ class SLNIDPlugin(SupervisedPlugin):
         model.eval()
         dataset = strategy.experience.dataset
         dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
-        loader = DataLoader(
-            dataset, batch_size=strategy.eval_mb_size, collate_fn=getattr(dataset, "collate_fn", None)
-        )
+        batches = loader(dataset, strategy.eval_mb_size, strategy.device, tensor=tensor_enabled(strategy))
         sums: dict[str, torch.Tensor] = {}
         rows: dict[str, int] = {}
         try:
-            with phase("SLNID neuron importance", total=len(loader)) as report:
-                for batch in loader:
+            with phase("SLNID neuron importance", total=len(batches)) as report:
+                for batch in batches:
                     x, t = batch[0].to(strategy.device), batch[-1].to(strategy.device)
                     self._activations, self._recording = [], True
                     out = avalanche_forward(model, x, t)

@@ -33,6 +33,7 @@ from torch import nn
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
+from cl_ext.data import tensor_enabled
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, use_cosine_head
 from cl_ext.registry import register
@@ -164,7 +165,9 @@ class UCIRPlugin(SupervisedPlugin):
             self._teacher_input = _HeadInput(find_cosine_head(self.teacher))
         head.weight_old.requires_grad_(not self.freeze_old)
         if self.imprint:
-            features, labels = self._head_features(model, strategy.experience.dataset, strategy.device)
+            features, labels = self._head_features(
+                model, strategy.experience.dataset, strategy.device, tensor_enabled(strategy)
+            )
             record["imprinted"] = head.imprint(features, labels)
         if self.adaptive_lambda and n_new > 0:
             self._lambda = less_forget_weight(self.lambda_base, self._n_old, n_new)
@@ -201,7 +204,7 @@ class UCIRPlugin(SupervisedPlugin):
         self.head.weight_old.requires_grad_(True)
 
     # -- parts ---------------------------------------------------------------------------
-    def _head_features(self, model: nn.Module, dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _head_features(self, model: nn.Module, dataset, device, tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Features entering the cosine head for ``dataset`` (eval mode, eval transforms)."""
         tap = _HeadInput(self.head)
 
@@ -210,7 +213,7 @@ class UCIRPlugin(SupervisedPlugin):
             return tap.features
 
         try:
-            return extract_features(model, dataset, device, head_input)
+            return extract_features(model, dataset, device, head_input, tensor=tensor)
         finally:
             tap.remove()
 
@@ -243,6 +246,7 @@ class UCIRPlugin(SupervisedPlugin):
             device=strategy.device,
             mode="eval",
             generator=torch.Generator().manual_seed(self.seed + len(self.history)),
+            tensor=tensor_enabled(strategy),
             description="UCIR class-balanced finetuning",
         )
 
