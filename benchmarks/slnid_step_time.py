@@ -23,11 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cl_ext
 
-from avalanche.benchmarks import dataset_benchmark  # noqa: E402
 from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.training import MAS  # noqa: E402
 
-from cl_ext.benchmarks.permuted import PermutedImages, task_permutations  # noqa: E402
+from cl_ext.benchmarks.permuted import permuted_benchmark, task_permutations  # noqa: E402
 from cl_ext.models.backbones import MLP, MultiHeadNet  # noqa: E402
 from cl_ext.plugins.slnid import SLNIDPlugin  # noqa: E402
 
@@ -52,8 +51,7 @@ def make_benchmark(samples: int, seed: int = 0):
     images = torch.randint(0, 256, (samples, 28, 28), dtype=torch.uint8, generator=g)
     targets = torch.randint(0, 10, (samples,), generator=g)
     perms = task_permutations(2, 28 * 28, seed)
-    data = [PermutedImages(images, targets, p, t) for t, p in enumerate(perms)]
-    return dataset_benchmark(data, data)
+    return permuted_benchmark(images, targets, images, targets, perms)
 
 
 def time_config(benchmark, hidden: list[int], with_slnid: bool, epochs: int, seed: int) -> list[float]:

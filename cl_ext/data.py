@@ -32,13 +32,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
 from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
 from avalanche.benchmarks.utils.classification_dataset import lookup as class_lookup
 from avalanche.benchmarks.utils.data import _FlatDataWithTransform
-from avalanche.benchmarks.utils.flat_data import ConstantSequence, FlatData
+from avalanche.benchmarks.utils.flat_data import ConstantSequence, FlatData, LazyIndices, LazyRange
 from avalanche.benchmarks.utils.transforms import TupleTransform
 from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -155,6 +156,15 @@ class TensorView:
         return len(self.rows)
 
 
+def _index_tensor(indices) -> torch.Tensor:
+    if isinstance(indices, LazyRange):
+        return torch.arange(len(indices)) + (indices._start + indices._offset)
+    if isinstance(indices, LazyIndices):
+        indices._to_eager()  # numpy, built from its parts at once
+        return torch.from_numpy(np.asarray(indices._eager_list, dtype=np.int64))
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
 def _values(data) -> torch.Tensor:
     """A data attribute's values as one tensor, reading Avalanche's flat index lists at once
     instead of one ``__getitem__`` per sample (which costs seconds per experience on MNIST)."""
@@ -165,7 +175,7 @@ def _values(data) -> torch.Tensor:
     if isinstance(data, FlatData):
         parts = [_values(d) for d in data._datasets]
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return values if data._indices is None else values[torch.as_tensor(data._indices, dtype=torch.long)]
+        return values if data._indices is None else values[_index_tensor(data._indices)]
     if isinstance(data, torch.Tensor):
         return data.long()
     return torch.as_tensor(data if isinstance(data, list) else list(data), dtype=torch.long)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import yaml
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+from avalanche.training.plugins import LRSchedulerPlugin
 
 import cl_ext
 from cl_ext import randomness, registry, state
@@ -39,7 +39,7 @@ from cl_ext.context import BuildContext
 from cl_ext.data import TensorDataPlugin
 from cl_ext.errors import CLExtError, RecipeError
 from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin
-from cl_ext.metrics import IncrementalAccuracy
+from cl_ext.metrics import IncrementalAccuracy, ListenedEvaluationPlugin
 from cl_ext.progress import phase
 from cl_ext.training import NonFiniteLossGuard
 
@@ -247,7 +247,7 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     plugins.append(progress)
     with randomness.isolated():  # a logger must not change training (W&B draws IDs at random)
         loggers = [registry.build("logger", lg.name, ctx, lg.options) for lg in recipe.evaluation.loggers]
-    ctx.evaluator = EvaluationPlugin(*metrics, loggers=loggers)
+    ctx.evaluator = ListenedEvaluationPlugin(*metrics, loggers=loggers)
     strategy = registry.build("strategy", recipe.strategy.name, ctx, recipe.strategy.options)
     # Last, after the strategy's own regularisers (MAS, EWC, ...): the guard sees the whole loss.
     guard = NonFiniteLossGuard(recipe.strategy.nonfinite_loss)

@@ -31,6 +31,8 @@ from avalanche.training.templates.base_sgd import PeriodicEval
 from avalanche.training.utils import ParamData
 from torch import nn
 
+from cl_ext.metrics import ListenedEvaluationPlugin
+
 
 class NotResumable(Exception):
     """A part of the run whose state cannot be saved; the message says which and why."""
@@ -231,6 +233,7 @@ ADAPTERS: dict[type, tuple[Saver, Loader]] = {
     LwFPlugin: (_save_lwf, _load_lwf),
     SynapticIntelligencePlugin: (_save_si, _load_si),
     EvaluationPlugin: (_save_evaluator, _load_evaluator),
+    ListenedEvaluationPlugin: (_save_evaluator, _load_evaluator),
 }
 
 

@@ -68,6 +68,18 @@ def task_permutations(n_tasks: int, n_pixels: int, seed: int, permute_first: boo
     return perms
 
 
+def permuted_benchmark(x_train, y_train, x_test, y_test, permutations: list[torch.Tensor]):
+    """An Avalanche benchmark with one experience per permutation (task label = its index)."""
+    # Pixels scaled to [0, 1] as torchvision's ToTensor does, without normalisation (the authors' setting).
+    to_float = ImagePipeline("div255")
+    splits = []
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        images = PermutedImages(x, y, permutations)
+        whole = with_sample_ids(images, images.task_labels)
+        splits.append([whole.subset(images.task(t)) for t in range(len(permutations))])
+    return dataset_benchmark(*splits, train_transform=to_float, eval_transform=to_float)
+
+
 @register("benchmark", "permuted_mnist")
 def build_permuted_mnist(
     ctx: BuildContext,
@@ -89,14 +101,7 @@ def build_permuted_mnist(
     x_train, y_train = x_train[keep], y_train[keep]
     seed = ctx.recipe.seed if permutation_seed is None else permutation_seed
     perms = task_permutations(n_experiences, x_train[0].numel(), seed, permute_first)
-    # Pixels scaled to [0, 1] as torchvision's ToTensor does, without normalisation (the authors' setting).
-    to_float = ImagePipeline("div255")
-    splits = []
-    for x, y in ((x_train, y_train), (x_test, y_test)):
-        images = PermutedImages(x, y, perms)
-        whole = with_sample_ids(images, images.task_labels)
-        splits.append([whole.subset(images.task(t)) for t in range(n_experiences)])
-    benchmark = dataset_benchmark(*splits, train_transform=to_float, eval_transform=to_float)
+    benchmark = permuted_benchmark(x_train, y_train, x_test, y_test, perms)
     n_classes = int(y_train.max()) + 1
     info = BenchmarkInfo(
         name="permuted_mnist",
