@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cl_ext import registry
@@ -101,6 +100,8 @@ def run(
 
       cl-ext run --resume runs/quickstart-seed1-20261201-120000
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from cl_ext.report import finish_run
     from cl_ext.runner import build_experiment, new_run_dir, resume_experiment, run_experiment
 
@@ -381,18 +382,10 @@ def list_components() -> None:
         table.add_column("name", style="bold")
         table.add_column("description")
         table.add_column("options (defaults)")
-        seen = set()
-        for name in registry.names(kind):
-            entry = registry.get(kind, name)
-            if id(entry) in seen:
-                continue
-            seen.add(id(entry))
-            aliases = [n for n in registry.names(kind) if registry.get(kind, n) is entry and n != entry.name]
-            label = entry.name + (f" ({', '.join(aliases)})" if aliases else "")
+        for entry in registry.entries(kind):
+            label = entry.name + (f" ({', '.join(sorted(entry.aliases))})" if entry.aliases else "")
             defaults = entry.option_defaults()
-            options = ", ".join(
-                f"{k}={defaults[k]!r}" if k in defaults else f"{k} (required)" for k in entry.options_model.model_fields
-            )
+            options = ", ".join(f"{k}={defaults[k]!r}" if k in defaults else f"{k} (required)" for k in entry.fields)
             table.add_row(label, entry.summary, options or "-")
         console.print(table)
 

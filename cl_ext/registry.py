@@ -8,6 +8,14 @@ defaults, and unknown or mistyped options are rejected before anything heavy run
     @register("plugin", "ucir")
     def build_ucir(ctx, lambda_base: float = 5.0, margin: float = 0.5) -> UCIRPlugin:
         ...
+
+Listing names and validating a recipe must not wait for torch and Avalanche, which the
+builders' modules import. So the built-in entries start out as they are written in the
+catalog (``cl_ext/catalog.py``): names, aliases, summary, option types and defaults, and the
+module that defines the builder, which is imported the first time the builder is needed
+(``build``, ``Entry.builder``). Importing it runs its ``@register`` calls, whose entries then
+take the catalog's place. A builder registered from any other module (a user's, a test's) is
+added beside the catalog's entries, under names of its own.
 """
 
 from __future__ import annotations
@@ -15,9 +23,12 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, create_model
+
+from cl_ext import catalog
 
 KINDS = ("benchmark", "model", "strategy", "plugin", "metric", "logger")
 
@@ -32,44 +43,74 @@ _BUILTIN_MODULES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Entry:
     kind: str
     name: str
-    builder: Callable[..., Any]
-    options_model: type[BaseModel]
+    aliases: tuple[str, ...]
+    module: str
+    summary: str
+    fields: catalog.Fields
+    # None while only the catalog knows the entry: its module has not been imported yet.
+    loaded_builder: Callable[..., Any] | None = None
 
     @property
-    def summary(self) -> str:
-        doc = inspect.getdoc(self.builder) or ""
-        return doc.splitlines()[0] if doc else ""
+    def loaded(self) -> bool:
+        return self.loaded_builder is not None
+
+    @property
+    def builder(self) -> Callable[..., Any]:
+        return _loaded(self).loaded_builder
+
+    @cached_property
+    def options_model(self) -> type[BaseModel]:
+        # Built on first use: pydantic takes milliseconds a model, and a recipe needs few of them.
+        return create_model(
+            f"{self.kind.title()}_{self.name}_options",
+            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+            **self.fields,
+        )
 
     def option_defaults(self) -> dict[str, Any]:
-        return {
-            name: field.get_default(call_default_factory=True)
-            for name, field in self.options_model.model_fields.items()
-            if not field.is_required()
-        }
+        return {name: default for name, (_, default) in self.fields.items() if default is not ...}
 
 
-_REGISTRY: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+def _from_catalog() -> dict[str, dict[str, Entry]]:
+    registry: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+    for kind, specs in catalog.read().items():
+        for spec in specs:
+            entry = Entry(kind, spec["name"], tuple(spec["aliases"]), spec["module"], spec["summary"], spec["options"])
+            for key in (entry.name, *entry.aliases):
+                registry[kind][key] = entry
+    return registry
 
 
-def _options_model(kind: str, name: str, builder: Callable[..., Any]) -> type[BaseModel]:
+_REGISTRY = _from_catalog()
+
+
+def _loaded(entry: Entry) -> Entry:
+    """``entry`` as its module registers it, importing the module if only the catalog knew it."""
+    if entry.loaded:
+        return entry
+    importlib.import_module(entry.module)
+    registered = _REGISTRY[entry.kind][entry.name]
+    if not registered.loaded:
+        raise LookupError(
+            f"importing {entry.module} did not register {entry.kind} {entry.name!r}: "
+            f"cl_ext/catalog.json is out of date; write it again with {catalog.COMMAND}"
+        )
+    return registered
+
+
+def _signature_fields(kind: str, name: str, builder: Callable[..., Any]) -> catalog.Fields:
     params = list(inspect.signature(builder).parameters.values())[1:]
     hints = inspect.get_annotations(builder, eval_str=True)
-    fields: dict[str, Any] = {}
+    fields: catalog.Fields = {}
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TypeError(f"builder {kind}:{name} must not take *args/**kwargs")
-        annotation = hints.get(p.name, Any)
-        default = ... if p.default is inspect.Parameter.empty else p.default
-        fields[p.name] = (annotation, default)
-    return create_model(
-        f"{kind.title()}_{name}_options",
-        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
-        **fields,
-    )
+        fields[p.name] = (hints.get(p.name, Any), ... if p.default is inspect.Parameter.empty else p.default)
+    return fields
 
 
 def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callable]:
@@ -78,10 +119,16 @@ def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callab
         raise ValueError(f"unknown registry kind {kind!r}; expected one of {KINDS}")
 
     def decorate(builder: Callable) -> Callable:
-        entry = Entry(kind, name, builder, _options_model(kind, name, builder))
+        doc = inspect.getdoc(builder) or ""
+        entry = Entry(kind, name, aliases, builder.__module__, doc.splitlines()[0] if doc else "",
+                      _signature_fields(kind, name, builder), builder)
         for key in (name, *aliases):
             existing = _REGISTRY[kind].get(key)
-            if existing is not None and existing.builder is not builder:
+            # The catalog's entry stands for its module's own registration, which replaces it.
+            replaces = existing is None or existing.loaded_builder is builder or (
+                not existing.loaded and existing.module == entry.module
+            )
+            if not replaces:
                 raise ValueError(f"{kind} {key!r} is already registered")
             _REGISTRY[kind][key] = entry
         return builder
@@ -90,17 +137,21 @@ def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callab
 
 
 def load_builtins() -> None:
+    """Import every built-in builder (the catalog's writer needs them, and forked workers share them)."""
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
 
 
 def names(kind: str) -> list[str]:
-    load_builtins()
     return sorted(_REGISTRY[kind])
 
 
+def entries(kind: str) -> list[Entry]:
+    """Each entry of ``kind`` once, in the order of its first name alphabetically."""
+    return list({id(entry): entry for entry in (_REGISTRY[kind][n] for n in names(kind))}.values())
+
+
 def get(kind: str, name: str) -> Entry:
-    load_builtins()
     try:
         return _REGISTRY[kind][name]
     except KeyError:
@@ -110,6 +161,6 @@ def get(kind: str, name: str) -> Entry:
 
 def build(kind: str, name: str, ctx: Any, options: dict[str, Any] | None = None) -> Any:
     """Validate ``options`` against the builder's signature and call it."""
-    entry = get(kind, name)
+    entry = _loaded(get(kind, name))
     validated = entry.options_model.model_validate(options or {})
-    return entry.builder(ctx, **{k: getattr(validated, k) for k in validated.model_fields})
+    return entry.loaded_builder(ctx, **{k: getattr(validated, k) for k in validated.model_fields})

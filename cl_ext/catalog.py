@@ -1,0 +1,112 @@
+"""The catalog: the built-in registry entries written down, so that knowing them imports nothing.
+
+The builders live beside the code they build, in modules that import torch, Avalanche, wandb
+and matplotlib: seconds before ``cl-ext list`` could print a name or ``cl-ext validate`` check an
+option. So the registry reads names, aliases, summaries and option schemas of the built-in
+entries from ``cl_ext/catalog.json`` and imports a builder's module only when the builder is
+called. The file is generated from the real builders, never edited by hand; after changing a
+builder's name, aliases, docstring or signature, write it again with::
+
+    python3 -m cl_ext.catalog
+
+``tests/test_registry.py`` fails, naming that command, when the file and the code disagree.
+
+An option type is stored as an expression over builtins, ``Any`` and ``Literal``
+(``int | None``, ``Literal['seed', 'fixed'] | list[int]``, ``tuple[int, ...]``) and a default as
+its ``repr``, read back with ``ast.literal_eval`` (so a tuple stays a tuple). A type that cannot
+be written that way would need its module imported to be known, so writing refuses it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+PATH = Path(__file__).with_name("catalog.json")
+COMMAND = "python3 -m cl_ext.catalog"
+
+# What an option type may be written with: anything else would need its module imported to be known.
+_NAMES: dict[str, Any] = {t.__name__: t for t in (bool, int, float, str, list, tuple, dict, set)}
+_NAMES |= {"Any": Any, "Literal": Literal}
+
+# option name -> (type, default); the default is ``...`` for a required option (pydantic's convention)
+Fields = dict[str, tuple[Any, Any]]
+
+
+def read() -> dict[str, list[dict[str, Any]]]:
+    """kind -> entries (name, aliases, module, summary, options) with each one's options as ``Fields``."""
+    try:
+        data = json.loads(PATH.read_text())
+    except (OSError, ValueError) as err:  # a merge conflict, say
+        raise RuntimeError(
+            f"cannot read {PATH} ({err}); restore it (git checkout {PATH.name}), then write it again with {COMMAND}"
+        ) from None
+    return {
+        kind: [{**entry, "options": _fields(entry["options"])} for entry in entries]
+        for kind, entries in data["entries"].items()
+    }
+
+
+def _fields(options: dict[str, dict[str, str]]) -> Fields:
+    return {
+        name: (
+            eval(spec["type"], {"__builtins__": {}}, _NAMES),  # the package's own file, written by text()
+            ast.literal_eval(spec["default"]) if "default" in spec else ...,
+        )
+        for name, spec in options.items()
+    }
+
+
+def type_expr(tp: Any) -> str:
+    """``tp`` as an expression that evaluates to it from builtins, ``Any`` and ``Literal``."""
+    if tp is None or tp is type(None):
+        return "None"
+    if tp is Any:
+        return "Any"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(map(type_expr, args))
+    if origin is not None and _NAMES.get(origin.__name__) is origin:
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else type_expr(a) for a in args)}]"
+    if isinstance(tp, type) and _NAMES.get(tp.__name__) is tp:
+        return tp.__name__
+    raise TypeError(f"{tp!r} is not made of builtins, Any and Literal")
+
+
+def text() -> str:
+    """The catalog of the built-in entries as the code defines them, as catalog.json holds it."""
+    from cl_ext import registry
+
+    registry.load_builtins()
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for kind in registry.KINDS:
+        entries[kind] = []
+        for entry in registry.entries(kind):
+            if not entry.loaded or not entry.module.startswith("cl_ext."):
+                continue  # registered by a test or a user, or removed from the code since the last catalog
+            where = f"{kind} {entry.name!r} ({entry.module})"
+            options = {}
+            for option, (tp, default) in entry.fields.items():
+                try:
+                    options[option] = {"type": type_expr(tp)} | ({} if default is ... else {"default": repr(default)})
+                except TypeError as err:
+                    raise TypeError(f"{where}: option {option!r}: {err}") from None
+            if _fields(options) != entry.fields:
+                raise ValueError(f"{where}: options do not survive the catalog: {entry.fields} -> {options}")
+            entries[kind].append(
+                {"name": entry.name, "aliases": list(entry.aliases), "module": entry.module,
+                 "summary": entry.summary, "options": options}
+            )
+    data = {"generated_by": COMMAND, "entries": entries}
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    PATH.write_text(text())
+    print(f"wrote {PATH}")

@@ -1,0 +1,76 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cl_ext import catalog, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = {"torch", "torchvision", "avalanche", "wandb", "matplotlib", "sklearn"}
+
+
+def test_catalog_is_what_the_builders_say():
+    assert catalog.text() == catalog.PATH.read_text(), (
+        f"cl_ext/catalog.json does not match the builders; write it again with: {catalog.COMMAND}"
+    )
+
+
+@pytest.mark.parametrize("args", [["validate", "recipes/quickstart.yaml"], ["list"], ["--help"]])
+def test_commands_that_build_nothing_import_nothing_heavy(args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cl_ext.cli", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
+                for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "cl_ext" in imported and not imported & HEAVY
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {kind: dict(named) for kind, named in registry._REGISTRY.items()})
+
+
+LATE_PLUGIN = textwrap.dedent('''
+    from cl_ext.registry import register
+
+    @register("plugin", "late", "late_alias")
+    def build_late(ctx, strength: float = 1.0):
+        """Imported only when built."""
+        return strength
+''')
+
+
+def test_catalog_entry_imports_its_module_when_the_builder_is_needed(own_registry, tmp_path, monkeypatch, request):
+    (tmp_path / "late_plugin.py").write_text(LATE_PLUGIN)
+    monkeypatch.syspath_prepend(tmp_path)
+    request.addfinalizer(lambda: sys.modules.pop("late_plugin", None))
+    known = registry.Entry("plugin", "late", ("late_alias",), "late_plugin", "Imported only when built.",
+                           {"strength": (float, 1.0)})
+    stale = registry.Entry("plugin", "gone", (), "late_plugin", "Removed from the code.", {})
+    registry._REGISTRY["plugin"].update(late=known, late_alias=known, gone=stale)
+    assert registry.get("plugin", "late_alias").option_defaults() == {"strength": 1.0}
+    assert "late_plugin" not in sys.modules
+    assert registry.build("plugin", "late_alias", None, {"strength": 3}) == 3.0
+    assert registry.get("plugin", "late").loaded and registry.get("plugin", "late_alias") is registry.get("plugin", "late")
+    with pytest.raises(LookupError, match=catalog.COMMAND):
+        registry.get("plugin", "gone").builder
+
+
+def test_builders_registered_at_run_time_join_the_catalog(own_registry):
+    @registry.register("plugin", "mine", "my_alias")
+    def build_mine(ctx, strength: float = 1.0, mode: str | None = None) -> tuple:
+        """My method.
+
+        More about it."""
+        return ctx, strength, mode
+
+    assert {"mine", "my_alias", "ucir"} <= set(registry.names("plugin"))
+    entry = registry.get("plugin", "my_alias")
+    assert entry.summary == "My method." and entry.option_defaults() == {"strength": 1.0, "mode": None}
+    assert registry.build("plugin", "mine", "ctx", {"strength": 2}) == ("ctx", 2.0, None)
+    with pytest.raises(ValueError, match="'bic' is already registered"):
+        registry.register("plugin", "bic")(build_mine)
