@@ -117,15 +117,15 @@ def crop_flip(
     images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int, size: int
 ) -> torch.Tensor:
     """Per image: zero-pad by ``padding``, take the ``size`` x ``size`` window at ``offsets[i]``
-    (row, column), mirror it where ``flips[i]``; one gather for the whole batch."""
-    n, channels = images.shape[:2]
+    (row, column), mirror it where ``flips[i]``; one gather over the flattened pixels for the
+    whole batch (a 4-D advanced index costs five times as much)."""
+    n, channels, _, width = images.shape
     padded = F.pad(images, (padding,) * 4) if padding else images
     steps = torch.arange(size, device=images.device)
     rows = offsets[:, :1] + steps
     cols = offsets[:, 1:] + torch.where(flips[:, None], steps.flip(0), steps)
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    channel = torch.arange(channels, device=images.device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    pixels = (rows[:, :, None] * (width + 2 * padding) + cols[:, None, :]).view(n, 1, size * size)
+    return padded.flatten(2).gather(2, pixels.expand(n, channels, size * size)).view(n, channels, size, size)
 
 
 # -- resolving a dataset to rows of a tensor ----------------------------------------------
