@@ -59,7 +59,8 @@ class MemoryConfig(_Strict):
 
 
 class DataLoaderConfig(_Strict):
-    """Options of the DataLoaders Avalanche builds for training and evaluation."""
+    """Options of the DataLoaders Avalanche builds for training and evaluation: with
+    ``data_path: avalanche``, or for data the tensor path cannot serve."""
 
     num_workers: int = Field(0, ge=0, description="worker processes that load batches (0: in the training process)")
     pin_memory: bool | None = Field(None, description="page-locked batches for faster copies to CUDA (null: Avalanche's choice)")

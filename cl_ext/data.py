@@ -181,9 +181,12 @@ def _values(data) -> torch.Tensor:
     return torch.as_tensor(data if isinstance(data, list) else list(data), dtype=torch.long)
 
 
-def _attribute(dataset: AvalancheDataset, name: str) -> torch.Tensor:
-    attribute = dataset._data_attributes[name]
-    values = _values(attribute.data)
+def attribute(dataset, name: str) -> torch.Tensor:
+    """A per-sample attribute (``targets``, ``targets_task_labels``, ...) as one long tensor;
+    quick for Avalanche datasets, one read per sample for others."""
+    if not isinstance(dataset, AvalancheDataset) or name not in dataset._data_attributes:
+        return torch.as_tensor(list(getattr(dataset, name)), dtype=torch.long)
+    values = _values(dataset._data_attributes[name].data)
     if len(values) != len(dataset):
         raise AssertionError(f"{name}: {len(values)} values for {len(dataset)} samples")
     return values
@@ -263,9 +266,9 @@ def resolve(dataset) -> TensorView | str:
         return "its samples have different transforms"
     return TensorView(
         source=paths[0][0],
-        rows=_attribute(dataset, SAMPLE_ID),
-        targets=_attribute(dataset, "targets"),
-        tasks=_attribute(dataset, "targets_task_labels"),
+        rows=attribute(dataset, SAMPLE_ID),
+        targets=attribute(dataset, "targets"),
+        tasks=attribute(dataset, "targets_task_labels"),
         pipeline=pipeline,
     )
 

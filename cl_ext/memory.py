@@ -24,7 +24,7 @@ from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from cl_ext.data import loader, tensor_enabled
+from cl_ext.data import attribute, loader, tensor_enabled
 from cl_ext.progress import phase
 from cl_ext.randomness import measurement
 
@@ -207,7 +207,7 @@ class ExemplarMemory:
         Call it before training on ``dataset`` so the held-out samples stay unseen; without a
         holdout (``holdout`` == 0) every index is returned.
         """
-        targets = torch.as_tensor(list(dataset.targets))
+        targets = attribute(dataset, "targets")
         if not self.holdout:
             return list(range(len(targets)))
         new_classes = [int(c) for c in targets.unique() if int(c) not in self._classes]
@@ -226,7 +226,7 @@ class ExemplarMemory:
     ) -> None:
         """Add the classes of ``dataset`` that are not stored yet, then shrink all to the quota
         (herding features from the tensor data path when ``tensor`` and the dataset allows)."""
-        targets = torch.as_tensor(list(dataset.targets))
+        targets = attribute(dataset, "targets")
         new_classes = [int(c) for c in targets.unique() if int(c) not in self._classes]
         n_classes = len(self._classes) + len(new_classes)
         quota = self.quota(n_classes)
@@ -240,25 +240,31 @@ class ExemplarMemory:
         ):
             self.hold_out(dataset, experience)  # not drawn before training: draw it now
         n_holdout = self.holdout_quota(n_classes)
+        candidates = {}
+        for label in new_classes:
+            rows = torch.nonzero(targets == label).flatten()
+            if label in self._holdout:
+                rows = rows[~torch.isin(rows, self._holdout[label].indices)]
+            candidates[label] = rows
         with phase(f"exemplar selection ({self.selection})", total=len(new_classes)) as report:
-            for label in new_classes:
-                candidates = torch.nonzero(targets == label).flatten()
-                if label in self._holdout:
-                    candidates = candidates[~torch.isin(candidates, self._holdout[label].indices)]
-                order = self._select(model, dataset, candidates, quota - n_holdout, device, tensor)
-                chosen = candidates[order]
+            features = {}
+            if self.selection == "herding" and candidates:
+                # One pass over every new class's candidates, then herding class by class.
+                pool = torch.cat(list(candidates.values()))
+                pooled, _ = extract_features(
+                    model, dataset.subset(pool.tolist()), device, self.feature_fn, self.batch_size, tensor
+                )
+                features = dict(zip(candidates, pooled.split([len(c) for c in candidates.values()])))
+            for label, rows in candidates.items():
+                if self.selection == "herding":
+                    order = herding_order(features[label], quota - n_holdout)
+                else:
+                    order = torch.randperm(len(rows), generator=self._generator)[: quota - n_holdout]
+                chosen = rows[order]
                 self._classes[label] = _ClassExemplars(experience, chosen, dataset.subset(chosen.tolist()))
                 report.advance()
         self._shrink(self._classes, quota - n_holdout)
         self._shrink(self._holdout, n_holdout)
-
-    def _select(self, model, dataset, candidates: torch.Tensor, quota: int, device, tensor: bool) -> torch.Tensor:
-        if self.selection == "random":
-            return torch.randperm(len(candidates), generator=self._generator)[:quota]
-        features, _ = extract_features(
-            model, dataset.subset(candidates.tolist()), device, self.feature_fn, self.batch_size, tensor
-        )
-        return herding_order(features, quota)
 
     @staticmethod
     def _shrink(classes: dict[int, _ClassExemplars], quota: int) -> None:

@@ -38,7 +38,7 @@ from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory
 from cl_ext.registry import register
-from cl_ext.data import tensor_enabled
+from cl_ext.data import attribute, tensor_enabled
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 # -- losses ----------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class EEILPlugin(SupervisedPlugin):
             batch_size=self.batch_size, device=device, description="EEIL balanced fine-tuning",
             before_step=lambda: self._add_noise(model), tensor=tensor_enabled(strategy),
         )
-        counts = torch.as_tensor(list(data.targets)).bincount()
+        counts = attribute(data, "targets").bincount()
         self._finetune_log.append({
             "step": len(self.step_classes),
             "per_class": self._old_per_class,
