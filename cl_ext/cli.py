@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -189,6 +190,8 @@ def run(
         # (Signal handlers can only be set from the main thread.)
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        notices = _RunLogHandler(log)  # e.g. data the tensor path cannot serve (cl_ext.data)
+        logging.getLogger("cl_ext").addHandler(notices)
         try:
             with listening(on_phase):
                 metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress,
@@ -197,6 +200,7 @@ def run(
             bar.stop()
             _stopped(err, experiment, run_dir, log, debug, finish_run)
         finally:
+            logging.getLogger("cl_ext").removeHandler(notices)
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
     reports = finish_run(experiment, run_dir)
@@ -235,6 +239,17 @@ class RunLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+class _RunLogHandler(logging.Handler):
+    """cl-ext's log records (warnings and above) as run-log lines, shown on the console too."""
+
+    def __init__(self, log: RunLog):
+        super().__init__(logging.WARNING)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log.line(f"{record.levelname.lower()}: {record.getMessage()}", always=True)
 
 
 def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: bool, finish_run) -> None:

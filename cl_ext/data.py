@@ -250,7 +250,7 @@ def resolve(dataset) -> TensorView | str:
         inputs, targets = dataset.tensors
         return TensorView(_Tensors(inputs), torch.arange(len(inputs)), targets, torch.zeros_like(targets), None)
     if not isinstance(dataset, AvalancheDataset) or SAMPLE_ID not in dataset._data_attributes:
-        return f"{type(dataset).__name__} was not built by a cl-ext in-memory benchmark (no {SAMPLE_ID})"
+        return f"not all its samples are rows of a cl-ext in-memory benchmark (no {SAMPLE_ID} attribute)"
     flat = dataset._flat_data
     if not isinstance(flat, _FlatDataWithTransform):
         return "the dataset has no transform groups"
