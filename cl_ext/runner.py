@@ -112,7 +112,7 @@ class ProgressPlugin(StatelessPlugin):
         self.on_iteration: Callable[[int, int, int], None] | None = None
         self.on_epoch: Callable[[EpochReport], None] | None = None
         self._done = self._total = self._seen = 0
-        self._loss_sum: torch.Tensor | float = 0.0
+        self._losses: list[tuple[torch.Tensor, int]] = []
         self._start = 0.0
 
     def before_training_exp(self, strategy, **kwargs):
@@ -120,14 +120,14 @@ class ProgressPlugin(StatelessPlugin):
         self._total = len(strategy.dataloader) * strategy.train_epochs
 
     def before_training_epoch(self, strategy, **kwargs):
-        self._seen, self._loss_sum, self._start = 0, 0.0, time.perf_counter()
+        self._seen, self._losses, self._start = 0, [], time.perf_counter()
 
     def after_training_iteration(self, strategy, **kwargs):
         self._done += 1
         n = len(strategy.mb_y)
         self._seen += n
-        # Summed on the device, read once per epoch: no host sync per iteration.
-        self._loss_sum = self._loss_sum + strategy.loss.detach() * n
+        # Kept on the device and summed once per epoch: no host sync or arithmetic per iteration.
+        self._losses.append((strategy.loss.detach(), n))
         if self.on_iteration is not None:
             self.on_iteration(strategy.experience.current_experience, self._done, self._total)
 
@@ -139,8 +139,13 @@ class ProgressPlugin(StatelessPlugin):
             experience=strategy.experience.current_experience, n_experiences=self.n_experiences,
             # Avalanche's clock comes after this plugin: it has not counted this epoch yet.
             epoch=strategy.clock.train_exp_epochs + 1, epochs=strategy.train_epochs,
-            loss=float(self._loss_sum) / self._seen, images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
+            loss=self._mean_loss(), images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
         ))
+
+    def _mean_loss(self) -> float:
+        losses = torch.cat([loss.reshape(-1) for loss, _ in self._losses])
+        counts = torch.tensor([n for _, n in self._losses], dtype=losses.dtype, device=losses.device)
+        return float((losses * counts).sum()) / self._seen
 
 
 class EpochCheckpointPlugin(StatelessPlugin):
