@@ -89,3 +89,41 @@ def test_nme_reuses_the_evaluation_forward_and_predicts_the_same(tmp_path, tiny_
         for t in range(len(test_stream)) for j in range(t + 1)
     )
     assert recomputed_calls - reused_calls == eval_batches
+
+
+def test_listened_evaluation_plugin_drops_only_callbacks_nobody_listens_to(digits_ctx):
+    import torch
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.logging import TextLogger
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from cl_ext.metrics import IncrementalAccuracy, ListenedEvaluationPlugin
+
+    lean = ListenedEvaluationPlugin(IncrementalAccuracy(), loggers=[])
+    assert not hasattr(lean, "before_training_iteration") and not hasattr(lean, "after_backward")
+    assert hasattr(lean, "after_eval_iteration") and hasattr(lean, "before_eval")  # IncrementalAccuracy's
+    # A metric that listens per training iteration (Avalanche's minibatch accuracy) gets its callback.
+    listening = ListenedEvaluationPlugin(*accuracy_metrics(minibatch=True), loggers=[])
+    assert hasattr(listening, "after_training_iteration")
+
+    # Same metric values as Avalanche's plugin, through a logger that sees every callback it defines.
+    def run(evaluator_cls):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        metric = IncrementalAccuracy()
+        logged = []
+        logger = TextLogger(open("/dev/null", "w"))
+        logger.log_single_metric = lambda name, value, x: logged.append((name, repr(value), x))
+        evaluator = evaluator_cls(metric, *accuracy_metrics(epoch=True, experience=True), loggers=[logger])
+        strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=32, train_epochs=2,
+                         evaluator=evaluator, eval_every=-1)
+        stream = digits_ctx.benchmark.benchmark
+        for t in range(2):
+            strategy.train(stream.train_stream[t])
+            strategy.eval(stream.test_stream[: t + 1])
+        return metric.result(), logged
+
+    lean_results, lean_logged = run(ListenedEvaluationPlugin)
+    assert lean_logged and any("Epoch" in name for name, _, _ in lean_logged)
+    assert (lean_results, lean_logged) == run(EvaluationPlugin)
