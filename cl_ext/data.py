@@ -93,12 +93,13 @@ class ImagePipeline:
         """A (B, C, H, W) batch: crop offsets and flips drawn on the CPU from ``generator``
         (so a run sees the same data on any device), applied with one gather on the batch's device."""
         if self._augment is not None:
-            n, _, height, width = images.shape
-            offsets = torch.full((n, 2), self.padding, dtype=torch.long)
+            n = len(images)
             if self.crop is not None:
                 offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
+            else:
+                offsets = torch.full((n, 2), self.padding, dtype=torch.long)
             flips = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-            size = self.crop if self.crop is not None else height
+            size = self.crop if self.crop is not None else images.shape[-2]
             images = crop_flip(images, offsets.to(images.device), flips.to(images.device), self.padding, size)
         return self.finish(images)
 
