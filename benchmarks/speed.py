@@ -15,7 +15,8 @@ Every figure is a ratio of variants measured in this process, their repetitions 
 3. ResNet-32 on the CIFAR-100 subset with crop+flip: the data cost per training image
    (Avalanche's per-sample loader vs the tensor path, no model), and training images/s of
    both paths for a few batches.
-4. Each method's training step against plain replay (``benchmarks/method_steps.py``).
+4. Each method's training step against plain replay, and SLNID's against MAS
+   (``benchmarks/method_steps.py``, digits; run it alone for MNIST and more options).
 5. Peak memory (resident set; CUDA's allocator on a GPU).
 
 On CUDA (``--device cuda``) section 3 also gives GPU images/s and the projected time of
@@ -346,11 +347,9 @@ def section_cifar(args) -> dict[str, Any]:
 
 # -- 4. per-method step ratios ----------------------------------------------------------------------
 def section_methods(args) -> dict[str, Any]:
-    try:
-        from method_steps import measure
-    except ImportError as err:
-        return {"skipped": f"benchmarks/method_steps.py is not available ({err})"}
-    return measure(rounds=args.repeats)
+    from method_steps import measure
+
+    return measure(repetitions=args.repeats, device=args.device)
 
 
 SECTIONS = {"1": ("split MNIST replay", section_mnist), "2": ("quickstart", section_quickstart),

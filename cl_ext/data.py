@@ -101,32 +101,60 @@ class ImagePipeline:
             flips = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
             size = self.crop if self.crop is not None else images.shape[-2]
             images = crop_flip(images, offsets.to(images.device), flips.to(images.device), self.padding, size)
-        return self.finish(images)
+        images = self._to_float(images)
+        if self.mean is None:
+            return images
+        # torchvision's normalize, in place on the batch's own copy, with the statistics made once
+        mean, std = _statistics(self.mean, self.std, images.dtype, images.device)
+        return images.sub_(mean).div_(std)
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """To float and normalised, with torchvision's own operations (bit for bit on both paths)."""
-        if self.to_float == "scale":
-            images = v2.functional.to_dtype(images, torch.float32, scale=True)
-        elif self.to_float == "div255":
-            images = images.float() / 255.0
+        images = self._to_float(images)
         if self.mean is not None:
             images = v2.functional.normalize(images, list(self.mean), list(self.std))
         return images
+
+    def _to_float(self, images: torch.Tensor) -> torch.Tensor:
+        if self.to_float == "scale":
+            return v2.functional.to_dtype(images, torch.float32, scale=True)
+        if self.to_float == "div255":
+            return images.float() / 255.0
+        return images
+
+
+@functools.lru_cache(maxsize=32)
+def _statistics(
+    mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as (C, 1, 1) tensors, as torchvision's ``normalize`` builds them."""
+    return (torch.as_tensor(mean, dtype=dtype, device=device).view(-1, 1, 1),
+            torch.as_tensor(std, dtype=dtype, device=device).view(-1, 1, 1))
 
 
 def crop_flip(
     images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int, size: int
 ) -> torch.Tensor:
     """Per image: zero-pad by ``padding``, take the ``size`` x ``size`` window at ``offsets[i]``
-    (row, column), mirror it where ``flips[i]``; one gather over the flattened pixels for the
-    whole batch (a 4-D advanced index costs five times as much)."""
-    n, channels, _, width = images.shape
-    padded = F.pad(images, (padding,) * 4) if padding else images
+    (row, column), mirror it where ``flips[i]``.
+
+    Every output row is a run of ``size`` consecutive pixels of the padded batch, or of its
+    mirror image, so the whole batch is one ``index_select`` of runs from an overlapping view
+    of the bytes: five times cheaper on a CPU than gathering pixel by pixel, whose cost grows
+    with every element instead of every row. A window at column ``x`` of a mirrored image
+    is the mirror of the window at ``2 * padding - x`` of the original.
+    """
+    n, channels, height, width = images.shape
+    both = F.pad(torch.cat([images, images.flip(-1)]), (padding,) * 4)
+    height, width = height + 2 * padding, width + 2 * padding
+    flips = flips.long()
+    left = offsets[:, 1] + flips * (2 * padding - 2 * offsets[:, 1])
+    image = torch.arange(n, device=images.device) + n * flips
+    first = (image * (channels * height) + offsets[:, 0]) * width + left
     steps = torch.arange(size, device=images.device)
-    rows = offsets[:, :1] + steps
-    cols = offsets[:, 1:] + torch.where(flips[:, None], steps.flip(0), steps)
-    pixels = (rows[:, :, None] * (width + 2 * padding) + cols[:, None, :]).view(n, 1, size * size)
-    return padded.flatten(2).gather(2, pixels.expand(n, channels, size * size)).view(n, channels, size, size)
+    within = (torch.arange(channels, device=images.device)[:, None] * height + steps) * width
+    starts = (first[:, None, None] + within).view(-1)
+    return both.view(-1).unfold(0, size, 1).index_select(0, starts).view(n, channels, size, size)
 
 
 # -- resolving a dataset to rows of a tensor ----------------------------------------------
@@ -312,13 +340,14 @@ class TensorLoader:
         order = torch.randperm(n, generator=draws).to(self.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:
-                index = slice(start, start + self.batch_size)
+                rows, targets, tasks = (t[start : start + self.batch_size] for t in (self.rows, self.targets, self.tasks))
             else:
                 index = order[start : start + self.batch_size]
-            x = self.view.source.gather(self.rows[index], self.device)
+                rows, targets, tasks = (t.index_select(0, index) for t in (self.rows, self.targets, self.tasks))
+            x = self.view.source.gather(rows, self.device)
             if self.view.pipeline is not None:
                 x = self.view.pipeline.batch(x, draws)
-            yield [x, self.targets[index], self.tasks[index]]
+            yield [x, targets, tasks]
 
 
 def loader(

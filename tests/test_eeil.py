@@ -18,9 +18,11 @@ from cl_ext.plugins.eeil import (
     EEILAugment,
     EEILPlugin,
     GradientNoise,
+    StepUnits,
     adjust_brightness,
     adjust_contrast,
     cross_distilled_loss,
+    distillation_terms,
     shifted_crop,
     soft_cross_entropy,
 )
@@ -42,12 +44,31 @@ def test_soft_cross_entropy_by_hand():
 def test_cross_distilled_loss_has_one_term_per_step():
     student = torch.zeros(1, 4)
     teacher = torch.tensor([[2 * LN3, 0.0, 5.0, 5.0]])  # step 0: [3/4, 1/4]; step 1: [1/2, 1/2]
-    steps = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    steps = [[0, 1], [2, 3]]
     target = torch.tensor([0])
     # ln 4 (cross-entropy over 4 uniform logits) + ln 2 + ln 2
-    assert cross_distilled_loss(student, target, teacher, steps, 2.0).item() == pytest.approx(4 * LN2)
-    assert cross_distilled_loss(student, target, teacher, steps[:1], 2.0).item() == pytest.approx(3 * LN2)
-    assert cross_distilled_loss(student, target, teacher, [], 2.0).item() == pytest.approx(2 * LN2)
+    assert cross_distilled_loss(student, target, teacher, StepUnits(steps), 2.0).item() == pytest.approx(4 * LN2)
+    assert cross_distilled_loss(student, target, teacher, StepUnits(steps[:1]), 2.0).item() == pytest.approx(3 * LN2)
+    assert cross_distilled_loss(student, target, teacher, StepUnits([]), 2.0).item() == pytest.approx(2 * LN2)
+
+
+@pytest.mark.parametrize("steps", [
+    [[0, 1], [2, 3], [4, 5]],  # equal steps: one block
+    [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]],  # a larger first step: two blocks
+    [[0, 1], [7, 3], [4, 5], [6, 2]],  # scattered units: read by index
+])
+def test_distillation_terms_equal_one_soft_cross_entropy_per_step(steps):
+    """Steps are read in blocks; written step by step as in the paper, every term and every
+    gradient is the same (the gradients to the last bit)."""
+    torch.manual_seed(0)
+    student = torch.randn(16, 11, requires_grad=True)
+    teacher = torch.randn(16, 11)
+    terms = distillation_terms(student, teacher, StepUnits(steps), 2.0)
+    expected = [soft_cross_entropy(student[:, units], teacher[:, units], 2.0) for units in steps]
+    torch.testing.assert_close(terms, torch.stack(expected), rtol=1e-6, atol=0)
+    grad, = torch.autograd.grad(terms.sum(), student)
+    expected_grad, = torch.autograd.grad(sum(expected), student)
+    assert torch.equal(grad, expected_grad)
 
 
 # -- the plugin in a run ----------------------------------------------------------------
@@ -87,7 +108,7 @@ def test_distillation_terms_per_phase_balanced_set_and_teachers(monkeypatch):
         assert model.training
         assert all(not m.training for t in teachers for m in t.modules())
         assert all(not p.requires_grad for t in teachers for p in t.parameters())
-        calls.append(([u.tolist() for u in step_classes], phase["finetuning"]))
+        calls.append((step_classes.steps, phase["finetuning"]))
         return eeil_terms(student, teacher_logits, step_classes, temperature)
 
     def flagged_train_phase(*args, **kwargs):

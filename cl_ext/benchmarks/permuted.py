@@ -55,7 +55,7 @@ class PermutedImages(Dataset):
             self._copies[device] = (self.images.to(device).flatten(1), self.permutations.to(device))
         images, permutations = self._copies[device]
         task, row = rows.div(len(self.images), rounding_mode="floor"), rows.remainder(len(self.images))
-        pixels = images[row].gather(1, permutations[task])
+        pixels = images.index_select(0, row).gather(1, permutations.index_select(0, task))
         return pixels.view(len(rows), 1, *self.images.shape[1:])
 
 

@@ -199,7 +199,8 @@ class BiCPlugin(SupervisedPlugin):
             teacher_logits = self.teacher(strategy.mb_x)[:, :n_old]
         kd = distillation_loss(strategy.mb_output[:, :n_old], teacher_logits, self.temperature)
         weight = distillation_weight(n_old, self.group[1] - self.group[0])
-        record_loss_terms(strategy, weighted_distillation=weight * kd)
+        # Recorded from a detached copy: a product that only the error message reads needs no autograd node.
+        record_loss_terms(strategy, weighted_distillation=weight * kd.detach())
         strategy.loss = stage1_loss(strategy.loss, kd, weight)
 
     def after_training_exp(self, strategy, **kwargs):

@@ -48,34 +48,77 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     """Distillation term of one step: ``-mean_i sum_j p_ij log q_ij`` at temperature T.
 
     No ``T**2`` factor: the paper's loss (and the authors' ``vl_nnsoftmaxdiff``) has none.
+    Logits of shape (N, steps, units) give one term per step, over the last dimension.
     """
-    target = F.softmax(teacher_logits / temperature, dim=1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=1)).sum(1).mean()
+    target = F.softmax(teacher_logits / temperature, dim=-1)
+    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean(0)
+
+
+class StepUnits:
+    """The output units of each step, grouped so that the distillation terms cost few operations.
+
+    Consecutive steps whose units are consecutive ranges of one size form a block, read as an
+    (N, steps, units) view of the logits: the block's terms then take one softmax instead of
+    one per step, and the same gradients to the last bit (cl-ext benchmarks number the classes
+    in learning order, so a protocol of equal steps is one block, and a larger first step two).
+    A step with scattered units is a block of its own, read with an index.
+    """
+
+    def __init__(self, steps: Sequence[Sequence[int]], device: torch.device | str = "cpu"):
+        self.steps = [list(units) for units in steps]
+        self._blocks: list[tuple[int, int, int] | torch.Tensor] = []  # (start, steps, size) or an index
+        for units in self.steps:
+            start, size = units[0], len(units)
+            if units != list(range(start, start + size)):
+                self._blocks.append(torch.tensor(units, dtype=torch.long, device=device))
+                continue
+            last = self._blocks[-1] if self._blocks else None
+            if isinstance(last, tuple) and last[2] == size and last[0] + last[1] * size == start:
+                self._blocks[-1] = (last[0], last[1] + 1, size)
+            else:
+                self._blocks.append((start, 1, size))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def blocks(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """``logits`` (N, units) as one (N, steps, size) tensor per block."""
+        views = []
+        for block in self._blocks:
+            if isinstance(block, torch.Tensor):
+                views.append(logits[:, block].unsqueeze(1))
+            else:
+                start, n_steps, size = block
+                views.append(logits[:, start : start + n_steps * size].reshape(len(logits), n_steps, size))
+        return views
 
 
 def distillation_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    step_classes: Sequence[torch.Tensor],
+    steps: StepUnits,
     temperature: float,
-) -> list[torch.Tensor]:
-    """One distillation term per step in ``step_classes`` (each a tensor of output units)."""
-    return [
-        soft_cross_entropy(student_logits[:, units], teacher_logits[:, units], temperature)
-        for units in step_classes
+) -> torch.Tensor:
+    """One distillation term per step of ``steps``, as a vector."""
+    terms = [
+        soft_cross_entropy(student, teacher, temperature)
+        for student, teacher in zip(steps.blocks(student_logits), steps.blocks(teacher_logits))
     ]
+    if not terms:
+        return student_logits.new_zeros(0)
+    return terms[0] if len(terms) == 1 else torch.cat(terms)
 
 
 def cross_distilled_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
     teacher_logits: torch.Tensor,
-    step_classes: Sequence[torch.Tensor],
+    steps: StepUnits,
     temperature: float,
 ) -> torch.Tensor:
-    """The cross-distilled loss: cross-entropy over all classes plus the distillation terms of ``step_classes``."""
-    terms = distillation_terms(student_logits, teacher_logits, step_classes, temperature)
-    return F.cross_entropy(student_logits, targets) + sum(terms, torch.zeros((), device=student_logits.device))
+    """The cross-distilled loss: cross-entropy over all classes plus the distillation terms of ``steps``."""
+    terms = distillation_terms(student_logits, teacher_logits, steps, temperature)
+    return F.cross_entropy(student_logits, targets) + terms.sum()
 
 
 # -- augmentation and gradient noise ----------------------------------------------------
@@ -215,14 +258,13 @@ class EEILPlugin(SupervisedPlugin):
         self.gradient_noise = gradient_noise
         self.step_classes: list[list[int]] = []  # output units learned in each finished step
         self.teacher: nn.Module | None = None
+        self._distilled: StepUnits | None = None  # the finished steps, while one trains
+        self._term_names: list[str] = []
         self._current: list[int] = []
         self._old_exemplars = None
         self._old_per_class = 0
         self._noise_step = 0
         self._finetune_log: list[dict[str, Any]] = []
-
-    def _units(self, steps: list[list[int]], device) -> list[torch.Tensor]:
-        return [torch.tensor(units, dtype=torch.long, device=device) for units in steps]
 
     # -- phase 1: training with the cross-distilled loss ------------------------------
     def before_training_exp(self, strategy, **kwargs):
@@ -237,6 +279,8 @@ class EEILPlugin(SupervisedPlugin):
                 )
             # The head has grown already; its new units are never read from the teacher.
             self.teacher = frozen_copy(strategy.model)
+            self._distilled = StepUnits(self.step_classes, strategy.device)
+            self._term_names = [f"distillation_step{i}" for i in range(len(self.step_classes))]
             # Snapshot before the memory shrinks to the new quota: the balanced set keeps the
             # old classes at the count they had during training, as the authors' code does.
             self._old_exemplars = self.memory.dataset()
@@ -251,11 +295,9 @@ class EEILPlugin(SupervisedPlugin):
             return
         with torch.no_grad():
             teacher_logits = self.teacher(strategy.mb_x)
-        terms = distillation_terms(
-            strategy.mb_output, teacher_logits, self._units(self.step_classes, strategy.device), self.temperature
-        )
-        record_loss_terms(strategy, **{f"distillation_step{i}": term for i, term in enumerate(terms)})
-        strategy.loss = strategy.loss + sum(terms)
+        terms = distillation_terms(strategy.mb_output, teacher_logits, self._distilled, self.temperature)
+        record_loss_terms(strategy, **dict(zip(self._term_names, terms.detach().unbind())))
+        strategy.loss = strategy.loss + terms.sum()
 
     def before_update(self, strategy, **kwargs):
         self._add_noise(strategy.model)
@@ -270,7 +312,7 @@ class EEILPlugin(SupervisedPlugin):
         if self.teacher is not None and self.finetune is not None:
             self._balanced_finetuning(strategy)
         self.step_classes.append(self._current)
-        self.teacher = None
+        self.teacher = self._distilled = None
         self._old_exemplars = None
 
     def _balanced_finetuning(self, strategy) -> None:
@@ -281,14 +323,14 @@ class EEILPlugin(SupervisedPlugin):
         )
         teacher = frozen_copy(model)
         # The temporary term: the new step's units join the distilled ones for this phase only.
-        units = self._units(self.step_classes + [self._current], device)
+        steps = StepUnits(self.step_classes + [self._current], device)
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             if self.augment is not None:
                 x = self.augment(x)
             with torch.no_grad():
                 teacher_logits = teacher(x)
-            return cross_distilled_loss(model(x), y, teacher_logits, units, self.temperature)
+            return cross_distilled_loss(model(x), y, teacher_logits, steps, self.temperature)
 
         losses = train_phase(
             model, data, model.parameters(), loss_fn, self.finetune,

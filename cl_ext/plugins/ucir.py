@@ -62,13 +62,16 @@ def margin_ranking_loss(
     being new. Averaged over the (old-class samples x K) pairs as the authors'
     ``nn.MarginRankingLoss`` does; zero when the batch holds no old-class sample.
     """
-    is_old = targets < n_old
     n_new = cosines.shape[1] - n_old
-    if not bool(is_old.any()) or n_new < 1:
+    if n_new < 1:
         return cosines.new_zeros(())
-    ground_truth = cosines[is_old].gather(1, targets[is_old].unsqueeze(1))
-    hardest_new = cosines[is_old, n_old:].topk(min(top_k, n_new), dim=1).values
-    return F.relu(margin - ground_truth + hardest_new).mean()
+    # Every sample is scored and the new-class ones are zeroed, instead of selecting the
+    # old-class rows: a boolean selection waits for the device to count them, every iteration.
+    is_old = (targets < n_old).unsqueeze(1).to(cosines.dtype)
+    ground_truth = cosines.gather(1, targets.unsqueeze(1))
+    hardest_new = cosines[:, n_old:].topk(min(top_k, n_new), dim=1).values
+    pairs = F.relu(margin - ground_truth + hardest_new) * is_old
+    return pairs.sum() / (is_old.sum() * hardest_new.shape[1]).clamp(min=1)
 
 
 # -- the plugin ----------------------------------------------------------------------------
@@ -85,6 +88,39 @@ class _HeadInput:
     def remove(self) -> None:
         self._handle.remove()
         self.features = None
+
+
+class _HeadReached(Exception):
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+
+def _stop_at_head(module, args):
+    raise _HeadReached(args[0])
+
+
+class _RunToHead:
+    """Runs a model up to its cosine head and returns the features entering it.
+
+    The forward pass stops there: the teacher's and the frozen backbone's scores are never
+    used, and computing them (and any output transform after the head) costs about as much
+    as the less-forget term itself.
+    """
+
+    def __init__(self, model: nn.Module, head: CosineIncrementalClassifier):
+        self.model = model
+        self._handle = head.register_forward_pre_hook(_stop_at_head)
+
+    def __call__(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            avalanche_forward(self.model, x, task_labels)
+        except _HeadReached as reached:
+            return reached.features
+        raise RuntimeError(f"{type(self.model).__name__}'s forward pass does not go through its cosine head")
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 class UCIRPlugin(SupervisedPlugin):
@@ -139,7 +175,7 @@ class UCIRPlugin(SupervisedPlugin):
         self.history: list[dict[str, Any]] = []
         self.head: CosineIncrementalClassifier | None = None
         self.teacher: nn.Module | None = None
-        self._teacher_input: _HeadInput | None = None
+        self._teacher_input: _RunToHead | None = None
         self._student_input: _HeadInput | None = None
         self._n_old = 0
         self._lambda = 0.0
@@ -162,7 +198,7 @@ class UCIRPlugin(SupervisedPlugin):
         if self.less_forget:
             # Copied before any hook is registered on the model, so that none is copied.
             self.teacher = frozen_copy(model)
-            self._teacher_input = _HeadInput(find_cosine_head(self.teacher))
+            self._teacher_input = _RunToHead(self.teacher, find_cosine_head(self.teacher))
         head.weight_old.requires_grad_(not self.freeze_old)
         if self.imprint:
             features, labels = self._head_features(
@@ -182,11 +218,15 @@ class UCIRPlugin(SupervisedPlugin):
         features = self._student_input.features
         if self.less_forget:
             with torch.no_grad():
-                avalanche_forward(self.teacher, strategy.mb_x, strategy.mb_task_id)
-            term = self._lambda * less_forget_loss(features, self._teacher_input.features)
+                old_features = self._teacher_input(strategy.mb_x, strategy.mb_task_id)
+            term = self._lambda * less_forget_loss(features, old_features)
             record_loss_terms(strategy, less_forget=term)
             strategy.loss += term
         if self.margin_ranking:
+            # The head's cosines are computed again rather than read from its forward pass: the
+            # two gradients then reach the features separately, in the order they always did,
+            # which keeps trained weights identical to the last bit (summing them first changes
+            # rounding, and over a few epochs the runs drift apart).
             scores = self.head.cosine(features)
             term = self.mr_weight * margin_ranking_loss(scores, strategy.mb_y, self._n_old, self.margin, self.top_k)
             record_loss_terms(strategy, margin_ranking=term)
@@ -206,16 +246,11 @@ class UCIRPlugin(SupervisedPlugin):
     # -- parts ---------------------------------------------------------------------------
     def _head_features(self, model: nn.Module, dataset, device, tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Features entering the cosine head for ``dataset`` (eval mode, eval transforms)."""
-        tap = _HeadInput(self.head)
-
-        def head_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            m(x)
-            return tap.features
-
+        head_input = _RunToHead(model, self.head)
         try:
-            return extract_features(model, dataset, device, head_input, tensor=tensor)
+            return extract_features(model, dataset, device, lambda m, x: head_input(x), tensor=tensor)
         finally:
-            tap.remove()
+            head_input.remove()
 
     def _class_balanced_finetune(self, strategy) -> list[float]:
         """Train the head alone on the exemplars of every class (the memory has the new ones already).
@@ -226,29 +261,33 @@ class UCIRPlugin(SupervisedPlugin):
         """
         model, head = strategy.model, self.head
         head.weight_old.requires_grad_(True)
+        head_input = _RunToHead(model, head)
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                model(x)  # the backbone is frozen: its features need no graph
-            scores = head.cosine(self._student_input.features)
+                features = head_input(x)  # the backbone is frozen: its features need no graph
+            scores = head.cosine(features)
             loss = F.cross_entropy(head.eta.detach() * scores, y)
             if self.margin_ranking:
                 loss = loss + self.mr_weight * margin_ranking_loss(scores, y, self._n_old, self.margin, self.top_k)
             return loss
 
-        return train_phase(
-            model,
-            self.memory.dataset().train(),  # the authors finetune on augmented exemplars
-            [head.weight_old, head.weight_new],
-            loss_fn,
-            self.finetune,
-            batch_size=self.finetune_batch_size,
-            device=strategy.device,
-            mode="eval",
-            generator=torch.Generator().manual_seed(self.seed + len(self.history)),
-            tensor=tensor_enabled(strategy),
-            description="UCIR class-balanced finetuning",
-        )
+        try:
+            return train_phase(
+                model,
+                self.memory.dataset().train(),  # the authors finetune on augmented exemplars
+                [head.weight_old, head.weight_new],
+                loss_fn,
+                self.finetune,
+                batch_size=self.finetune_batch_size,
+                device=strategy.device,
+                mode="eval",
+                generator=torch.Generator().manual_seed(self.seed + len(self.history)),
+                tensor=tensor_enabled(strategy),
+                description="UCIR class-balanced finetuning",
+            )
+        finally:
+            head_input.remove()
 
     # -- state -------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""benchmarks/method_steps.py: what it builds and reports (no timing is checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("method_steps", ROOT / "benchmarks" / "method_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in run.exp.ctx.model.state_dict().items()}
+
+
+def test_runs_taking_turns_train_as_they_would_alone():
+    ms = _module()
+    side_by_side = ms._repetition({m: ms.recipe("digits", m, epochs=1) for m in ("replay", "il2m")})
+    alone = ms._repetition({"replay": ms.recipe("digits", "replay", epochs=1)})
+    together, solo = _weights(side_by_side["replay"]), _weights(alone["replay"])
+    assert all(torch.equal(together[k], solo[k]) for k in solo)
+    assert len(side_by_side["replay"].steps) == len(alone["replay"].steps) > 0
+    assert side_by_side["il2m"].train_s > 0
+
+
+def test_measure_adds_the_baseline_and_reports_ratios():
+    result = _module().measure("digits", ["mas+slnid"], repetitions=1, epochs=1)
+    assert list(result["methods"]) == ["mas", "mas+slnid"]
+    slnid = result["methods"]["mas+slnid"]
+    assert slnid["baseline"] == "mas" and result["methods"]["mas"]["step_ratio"] is None
+    assert slnid["step_ratio"] > 0 and slnid["train_ratio"] > 0 and len(slnid["step_ratios"]) == 1
+    assert result["settings"]["recipes"]["mas+slnid"]["plugins"] == [{"name": "slnid"}]
