@@ -21,6 +21,8 @@ time. Evaluation is not run.
 
     python benchmarks/method_steps.py                           # digits, MLP [128, 128]
     python benchmarks/method_steps.py --data mnist --json runs/method_steps.json
+    python benchmarks/method_steps.py --data permuted           # SLNID's protocol, a head per task
+    python benchmarks/method_steps.py --data cifar100           # ResNet-32, batch 128 (slow on a CPU)
     python benchmarks/method_steps.py --methods replay ucir --repetitions 5
 
 From Python: ``measure(data="digits", repetitions=3)`` returns the same numbers as a dict.
@@ -64,6 +66,21 @@ DATA: dict[str, dict[str, Any]] = {
             "classes_per_exp": 2, "class_order": "seed", "train_per_class": 2000}},
         "hidden": [256, 256], "epochs": 6, "milestones": [4], "batch_size": 128, "memory": 200,
     },
+    # SLNID's own protocol (recipes/slnid_mas.yaml: a head per task), a sixth of the training set.
+    "permuted": {
+        "benchmark": {"name": "permuted_mnist", "options": {"n_experiences": 5, "train_per_class": 1000}},
+        "hidden": [128, 128], "multihead": True, "epochs": 2, "milestones": [1], "batch_size": 200, "memory": 200,
+        "methods": ["mas", "mas+slnid"],
+    },
+    # UCIR's and EEIL's network at the papers' batch size, on the CIFAR-100 subset: 50 classes,
+    # then 50 more, 20 training images per class (a few ResNet-32 steps are minutes on a CPU).
+    "cifar100": {
+        "benchmark": {"name": "split_cifar100", "options": {
+            "first_exp_classes": 50, "classes_per_exp": 50, "class_order": "seed", "train_per_class": 20}},
+        "model": {"name": "resnet32", "options": {"last_relu": False}},
+        "epochs": 1, "milestones": [1], "batch_size": 128, "memory": 1000, "lr": 0.1,
+        "methods": ["replay", "ucir", "bic"],
+    },
 }
 
 # Method -> (baseline, recipe changes); every plugin option is its default.
@@ -92,10 +109,10 @@ def recipe(data: str, method: str, *, epochs: int | None = None, device: str = "
         "seed": seed,
         "device": device,
         "benchmark": benchmark,
-        "model": {"name": "mlp", "options": {"hidden": d["hidden"]}},
+        "model": d.get("model") or {"name": "mlp", "options": {"hidden": d["hidden"], "multihead": d.get("multihead", False)}},
         "strategy": {
             "name": "replay", "epochs": epochs or d["epochs"], "batch_size": d["batch_size"], "eval_batch_size": 256,
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005},
+            "optimizer": {"name": "sgd", "lr": d.get("lr", 0.05), "momentum": 0.9, "weight_decay": 0.0005},
             "lr_schedule": {"name": "multistep", "milestones": d["milestones"], "gamma": 0.1},
             "memory": {"size": d["memory"], "selection": "herding"},
         },
@@ -258,7 +275,7 @@ def measure(
     baseline's), and the per-repetition ratios; ratios are None for a baseline. Leaves torch's
     thread count alone.
     """
-    methods = list(methods or METHODS)
+    methods = list(methods or DATA[data].get("methods", METHODS))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose among {list(METHODS)}")
@@ -315,7 +332,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=sorted(DATA), default="digits")
     parser.add_argument("--data-root", default=str(DATA_ROOT), help="folder holding mnist.npz")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="default: all (permuted: MAS and MAS + SLNID, the task-incremental pair)")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="epochs per experience (default: the data's setting)")
     parser.add_argument("--device", default="cpu")

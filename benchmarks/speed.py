@@ -347,9 +347,11 @@ def section_cifar(args) -> dict[str, Any]:
 
 # -- 4. per-method step ratios ----------------------------------------------------------------------
 def section_methods(args) -> dict[str, Any]:
-    from method_steps import measure
+    from method_steps import measure, table
 
-    return measure(repetitions=args.repeats, device=args.device)
+    result = measure(repetitions=args.repeats, device=args.device)
+    result["table"] = "\n" + table(result)
+    return result
 
 
 SECTIONS = {"1": ("split MNIST replay", section_mnist), "2": ("quickstart", section_quickstart),

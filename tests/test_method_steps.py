@@ -38,3 +38,15 @@ def test_measure_adds_the_baseline_and_reports_ratios():
     assert slnid["baseline"] == "mas" and result["methods"]["mas"]["step_ratio"] is None
     assert slnid["step_ratio"] > 0 and slnid["train_ratio"] > 0 and len(slnid["step_ratios"]) == 1
     assert result["settings"]["recipes"]["mas+slnid"]["plugins"] == [{"name": "slnid"}]
+
+
+def test_every_setting_builds_valid_recipes_for_its_methods():
+    from cl_ext.config import validate_recipe
+
+    ms = _module()
+    for data, setting in ms.DATA.items():
+        for method in setting.get("methods", ms.METHODS):
+            checked = validate_recipe(ms.recipe(data, method))
+            assert checked.benchmark.name == setting["benchmark"]["name"], (data, method)
+    assert ms.recipe("permuted", "mas")["model"]["options"]["multihead"] is True
+    assert ms.recipe("cifar100", "ucir")["model"]["name"] == "resnet32"

@@ -76,6 +76,25 @@ def test_penalty_matches_hand_computation():
     assert slnid_penalty(torch.tensor([[0.0, 5.0, 0.0]]), weights).item() == 0.0
 
 
+def test_penalty_gradient_is_twice_w_h_over_m_by_hand_and_matches_autograd():
+    """The penalty's backward reads 2 W h / M from the forward product instead of a second
+    matrix product: by hand on a small case, and against autograd on random data (float64)."""
+    weights = locality_mask(3, scale=3.0)  # w_01 = w_12 = e^-1/2, w_02 = e^-2
+    h = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    slnid_penalty(h, weights).backward()
+    a, b = math.exp(-0.5), math.exp(-2.0)
+    # dR/dh_mi = 2/M sum_j w_ij h_mj, M = 2
+    expected = torch.tensor([[2 * a, a, b + 2 * a], [a + 3 * b, 3 * a, a]])
+    assert torch.allclose(h.grad, expected, rtol=1e-6)
+
+    torch.manual_seed(0)
+    weights = locality_mask(16, scale=6.0, dtype=torch.float64) * discount_weights(torch.rand(16, dtype=torch.float64))
+    h = torch.relu(torch.randn(10, 16, dtype=torch.float64)).requires_grad_()
+    (got,) = torch.autograd.grad(slnid_penalty(h, weights), h)
+    (expected,) = torch.autograd.grad(((h @ weights) * h).sum() / len(h), h)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_locality_mask_symmetric_zero_diagonal_gaussian():
     mask = locality_mask(12, scale=6.0)  # sigma = 2
     assert torch.equal(mask, mask.T)
