@@ -163,4 +163,4 @@ def build(kind: str, name: str, ctx: Any, options: dict[str, Any] | None = None)
     """Validate ``options`` against the builder's signature and call it."""
     entry = _loaded(get(kind, name))
     validated = entry.options_model.model_validate(options or {})
-    return entry.loaded_builder(ctx, **{k: getattr(validated, k) for k in validated.model_fields})
+    return entry.loaded_builder(ctx, **{k: getattr(validated, k) for k in type(validated).model_fields})

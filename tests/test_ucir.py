@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 from pathlib import Path
@@ -41,7 +42,7 @@ def one_thread():
 def test_less_forget_loss_by_hand():
     new = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
     old = torch.tensor([[1.0, 1.0], [0.0, 5.0]], requires_grad=True)
-    loss = less_forget_loss(new, old)
+    loss = less_forget_loss(F.normalize(new, dim=1), F.normalize(old, dim=1))
     # cos = 1/sqrt(2) for the first pair, 1 for the second
     assert loss.item() == pytest.approx((1 - 1 / math.sqrt(2) + 0.0) / 2, abs=1e-6)
     # Same value as the authors' nn.CosineEmbeddingLoss with target 1.
@@ -87,11 +88,12 @@ def test_margin_ranking_matches_authors_formulation():
 
 
 def test_training_losses_equal_the_paper_formulas_computed_from_scratch():
-    """The plugin stops the teacher at its head and scores every sample in the margin ranking
-    loss (zeroing the new-class ones) instead of selecting the old-class rows; the terms written
-    out as the paper does, on the same batch, give the same loss and the same gradients, bit for bit."""
+    """The plugin reads the cosines and unit features of the head's forward pass (one graph
+    node with its own backward), stops the teacher at its head and scores every sample in the
+    margin ranking loss, zeroing the new-class ones. The terms written out as the paper does,
+    with autograd, on the same batch, in float64: the same loss and gradients."""
     torch.manual_seed(0)
-    model = IncrementalNet(MLP(64, [32]), 32, CosineIncrementalClassifier(32, 3)).train()
+    model = IncrementalNet(MLP(64, [32]), 32, CosineIncrementalClassifier(32, 3)).double().train()
     head = model.classifier
     head.adaptation(_experience([0, 1, 2]))
     head.adaptation(_experience([3, 4]))  # 3 old classes, 2 new
@@ -102,26 +104,70 @@ def test_training_losses_equal_the_paper_formulas_computed_from_scratch():
     with torch.no_grad():  # the student moves away from the teacher
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    x, y = torch.randn(20, 1, 8, 8), torch.arange(20) % 5
+    x, y = torch.randn(20, 1, 8, 8, dtype=torch.float64), torch.arange(20) % 5
     strategy.mb_x, strategy.mb_y, strategy.mb_task_id = x, y, torch.zeros(20, dtype=torch.long)
     strategy.loss = F.cross_entropy(model(x), y)
     ucir.before_backward(strategy)
     params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p is not head.weight_old for p in params) and any(p is head.weight_new for p in params)
     grads = torch.autograd.grad(strategy.loss, params)
 
     features = model.features(x)
-    loss = F.cross_entropy(head(features), y)
+    cosines = F.linear(F.normalize(features, dim=1), F.normalize(head.weight, dim=1))
+    loss = F.cross_entropy(head.eta * cosines, y)
     less_forget = (1 - F.cosine_similarity(features, ucir.teacher.features(x), dim=1)).mean()
     loss = loss + ucir._lambda * less_forget
-    cosines = F.linear(F.normalize(features, dim=1), F.normalize(head.weight, dim=1))
     old = y < 3
     ground_truth = cosines[old].gather(1, y[old, None])
     margin_ranking = F.relu(0.5 - ground_truth + cosines[old, 3:].topk(2, dim=1).values).mean()
     loss = loss + 0.7 * margin_ranking
     assert less_forget.item() > 0.01 and margin_ranking.item() > 0.01  # both terms are at work
-    assert strategy.loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert strategy.loss.item() == pytest.approx(loss.item(), rel=1e-12)
     for grad, expected in zip(grads, torch.autograd.grad(loss, params)):
-        assert torch.equal(grad, expected)
+        assert torch.allclose(grad, expected, rtol=1e-10, atol=1e-13)
+    ucir.after_training_exp(SimpleNamespace(model=model))
+    assert head.scores is None and not head.keep_scores  # no graph is kept past the step
+
+
+def test_unit_cosine_matches_normalise_and_linear_including_a_zero_row():
+    """The head's one-node cosine against normalise + linear through autograd (float64):
+    forward values equal, gradients reaching it through the cosines, the unit features, or
+    both agree; a zero feature row (a dead ReLU layer) takes the clamped branch."""
+    from cl_ext.models.cosine import _UnitCosine
+
+    torch.manual_seed(1)
+    features = torch.randn(6, 5, dtype=torch.float64)
+    features[2] = 0.0
+    weight = torch.randn(4, 5, dtype=torch.float64)
+    upstream_cos, upstream_units = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    for use_cos, use_units in [(True, False), (False, True), (True, True)]:
+        f, w = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        cos, units = _UnitCosine.apply(f, w)
+        out = (cos * upstream_cos).sum() * use_cos + (units * upstream_units).sum() * use_units
+        got = torch.autograd.grad(out, (f, w), materialize_grads=True)
+        f2, w2 = features.clone().requires_grad_(), weight.clone().requires_grad_()
+        units2 = F.normalize(f2, dim=1)
+        cos2 = F.linear(units2, F.normalize(w2, dim=1))
+        assert torch.equal(cos.detach(), cos2.detach()) and torch.equal(units.detach(), units2.detach())
+        out2 = (cos2 * upstream_cos).sum() * use_cos + (units2 * upstream_units).sum() * use_units
+        expected = torch.autograd.grad(out2, (f2, w2), materialize_grads=True)
+        for g, e in zip(got, expected):
+            assert torch.allclose(g, e, rtol=1e-12, atol=1e-14)
+
+
+def test_head_keeps_scores_only_when_asked_and_copies_never_take_them():
+    head = CosineIncrementalClassifier(4, 3).train()
+    x = torch.randn(2, 4)
+    head(x)
+    assert head.scores is None
+    head.keep_scores = True
+    out = head(x)
+    assert torch.allclose(out, head.eta * head.scores.cosines)
+    assert torch.allclose(head.scores.units, F.normalize(x, dim=1))
+    copied = copy.deepcopy(head)  # a graph tensor in the copy would make deepcopy fail
+    assert copied.scores is None and head.scores is not None
+    head.eval()(torch.randn(3, 4))  # an evaluation pass does not replace the training batch's scores
+    assert head.scores.units.shape == (2, 4)
 
 
 # -- the cosine head -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ untrained weights.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,60 @@ def imprinted_weights(
 
 def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, dim=1)``, the same operations, without the Python wrapper of ``Tensor.norm``
-    (it costs as much as the kernel at a head's size, twice per cosine)."""
+    (it costs as much as the kernel at a head's size)."""
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(eps).expand_as(x)
+
+
+def _unit_rows_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient through ``unit = x / max(|x|, eps)``: the part of ``grad`` orthogonal to the unit
+    row, over the norm (all of ``grad`` over eps where the norm was clamped)."""
+    along = (grad * unit).sum(1, keepdim=True)
+    return (grad - unit * torch.where(norm > eps, along, 0.0)) / norm.clamp_min(eps)
+
+
+class _UnitCosine(torch.autograd.Function):
+    """``cos = unit_rows(f) @ unit_rows(W).T`` and ``unit_rows(f)``, as one node of the graph.
+
+    Written with autograd, the two normalisations and the product are about a dozen nodes,
+    and UCIR's two terms computed the cosines a second time; at a head's size each node's
+    bookkeeping costs more than its arithmetic. The forward values are those of
+    ``F.linear(unit_rows(f), unit_rows(W))`` to the last bit; the gradients agree with
+    autograd's to rounding (``tests/test_ucir.py`` compares them in float64).
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-12):
+        f_norm = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+        w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+        units = features / f_norm.clamp_min(eps)
+        weight_units = weight / w_norm.clamp_min(eps)
+        ctx.save_for_backward(units, weight_units, f_norm, w_norm)
+        ctx.eps = eps
+        return F.linear(units, weight_units), units
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_cos: torch.Tensor | None, grad_units: torch.Tensor | None):
+        units, weight_units, f_norm, w_norm = ctx.saved_tensors
+        grad_features = grad_weight = None
+        if grad_cos is None:
+            grad_cos = units.new_zeros(len(units), len(weight_units))
+        if ctx.needs_input_grad[0]:
+            d_units = grad_cos @ weight_units
+            if grad_units is not None:
+                d_units = d_units + grad_units
+            grad_features = _unit_rows_backward(d_units, units, f_norm, ctx.eps)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _unit_rows_backward(grad_cos.t() @ units, weight_units, w_norm, ctx.eps)
+        return grad_features, grad_weight, None
+
+
+class HeadScores(NamedTuple):
+    """What a training forward pass of the head computed: ``cosines`` (N, classes) before eta,
+    and ``units``, the features entering the head normalised to unit length."""
+
+    cosines: torch.Tensor
+    units: torch.Tensor
 
 
 class CosineIncrementalClassifier(DynamicModule):
@@ -70,11 +122,19 @@ class CosineIncrementalClassifier(DynamicModule):
         self.register_buffer("trained_until", torch.tensor(0))
         self.register_buffer("n_outputs", torch.tensor(initial_out_features))
         self._n_outputs = initial_out_features  # the buffer's value, read by every forward without a device sync
+        # A loss that reads the cosines and unit features of the training forward pass (UCIR)
+        # sets keep_scores; it must reset it and clear scores, which hold the batch's graph.
+        self.keep_scores = False
+        self.scores: HeadScores | None = None
 
     def _fresh_rows(self, n: int, device: torch.device) -> torch.Tensor:
         # The authors' CosineLinear init, which is also nn.Linear's default for the weight.
         bound = 1.0 / math.sqrt(self.in_features)
         return torch.empty(n, self.in_features, device=device).uniform_(-bound, bound)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (a teacher, a checkpoint) never takes the last batch's graph along.
+        return {**self.__dict__, "scores": None}
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -97,10 +157,13 @@ class CosineIncrementalClassifier(DynamicModule):
     # -- forward -------------------------------------------------------------------------
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
         """cos(w_c, f) for every row, before the scale eta (the scores of the margin ranking loss)."""
-        return F.linear(unit_rows(features), unit_rows(self.weight))
+        return _UnitCosine.apply(features, self.weight)[0]
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        out = self.eta * self.cosine(x)
+        cosines, units = _UnitCosine.apply(x, self.weight)
+        if self.keep_scores and self.training:
+            self.scores = HeadScores(cosines, units)
+        out = self.eta * cosines
         missing = self.out_features - out.shape[1]
         if missing > 0:
             out = F.pad(out, (0, missing), value=self.mask_value)

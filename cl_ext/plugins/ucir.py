@@ -35,7 +35,7 @@ from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.data import tensor_enabled
 from cl_ext.memory import ExemplarMemory, extract_features
-from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, use_cosine_head
+from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, unit_rows, use_cosine_head
 from cl_ext.registry import register
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
@@ -48,9 +48,10 @@ def less_forget_weight(lambda_base: float, n_old: int, n_new: int) -> float:
     return lambda_base * math.sqrt(n_old / n_new)
 
 
-def less_forget_loss(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
-    """The less-forget term averaged over the batch: 1 - cos(f*(x), f(x)); f* gets no gradient."""
-    return (1 - F.cosine_similarity(features, old_features.detach(), dim=1)).mean()
+def less_forget_loss(units: torch.Tensor, old_units: torch.Tensor) -> torch.Tensor:
+    """The less-forget term averaged over the batch: 1 - cos(f*(x), f(x)), from the features
+    normalised to unit length (the cosine head's and the teacher's); f* gets no gradient."""
+    return (1 - (units * old_units.detach()).sum(1)).mean()
 
 
 def margin_ranking_loss(
@@ -75,21 +76,6 @@ def margin_ranking_loss(
 
 
 # -- the plugin ----------------------------------------------------------------------------
-class _HeadInput:
-    """Keeps the last input of a head: the penultimate features, without a second forward."""
-
-    def __init__(self, head: nn.Module):
-        self.features: torch.Tensor | None = None
-        self._handle = head.register_forward_pre_hook(self._keep)
-
-    def _keep(self, module, args):
-        self.features = args[0]
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self.features = None
-
-
 class _HeadReached(Exception):
     def __init__(self, features: torch.Tensor):
         super().__init__()
@@ -176,7 +162,6 @@ class UCIRPlugin(SupervisedPlugin):
         self.head: CosineIncrementalClassifier | None = None
         self.teacher: nn.Module | None = None
         self._teacher_input: _RunToHead | None = None
-        self._student_input: _HeadInput | None = None
         self._n_old = 0
         self._lambda = 0.0
 
@@ -210,25 +195,24 @@ class UCIRPlugin(SupervisedPlugin):
         else:  # fixed weight, or an experience without new classes (the ratio is undefined)
             self._lambda = self.lambda_base
         record["lambda"] = self._lambda
-        self._student_input = _HeadInput(head)
+        head.keep_scores = True
 
     def before_backward(self, strategy, **kwargs):
-        if self._student_input is None:  # base step
+        # The cosines and unit features of this batch's forward pass, kept by the head: both
+        # terms read them rather than normalising and multiplying again.
+        scores = self.head.scores
+        if scores is None:  # base step
             return
-        features = self._student_input.features
         if self.less_forget:
             with torch.no_grad():
-                old_features = self._teacher_input(strategy.mb_x, strategy.mb_task_id)
-            term = self._lambda * less_forget_loss(features, old_features)
+                old_units = unit_rows(self._teacher_input(strategy.mb_x, strategy.mb_task_id))
+            term = self._lambda * less_forget_loss(scores.units, old_units)
             record_loss_terms(strategy, less_forget=term)
             strategy.loss += term
         if self.margin_ranking:
-            # The head's cosines are computed again rather than read from its forward pass: the
-            # two gradients then reach the features separately, in the order they always did,
-            # which keeps trained weights identical to the last bit (summing them first changes
-            # rounding, and over a few epochs the runs drift apart).
-            scores = self.head.cosine(features)
-            term = self.mr_weight * margin_ranking_loss(scores, strategy.mb_y, self._n_old, self.margin, self.top_k)
+            term = self.mr_weight * margin_ranking_loss(
+                scores.cosines, strategy.mb_y, self._n_old, self.margin, self.top_k
+            )
             record_loss_terms(strategy, margin_ranking=term)
             strategy.loss += term
 
@@ -237,10 +221,10 @@ class UCIRPlugin(SupervisedPlugin):
         if self._n_old > 0 and self.cb_finetune:
             record["finetune_loss"] = self._class_balanced_finetune(strategy)
         record["eta"] = float(self.head.eta.detach())
-        for tap in (self._student_input, self._teacher_input):
-            if tap is not None:
-                tap.remove()
-        self.teacher = self._teacher_input = self._student_input = None
+        if self._teacher_input is not None:
+            self._teacher_input.remove()
+        self.teacher = self._teacher_input = None
+        self.head.keep_scores, self.head.scores = False, None
         self.head.weight_old.requires_grad_(True)
 
     # -- parts ---------------------------------------------------------------------------
