@@ -143,6 +143,10 @@ class ExemplarMemory:
         self._generator = torch.Generator().manual_seed(seed)
         self._classes: dict[int, _ClassExemplars] = {}
         self._holdout: dict[int, _ClassExemplars] = {}
+        # Per class herded by the last update: its candidate rows and their features. EEIL's
+        # balanced set herds the same classes again with another quota and reads them here
+        # instead of extracting the same features a second time. Not part of the state.
+        self.last_herding: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.holdout = 0.0
         self.set_holdout(holdout)
 
@@ -255,6 +259,7 @@ class ExemplarMemory:
                     model, dataset.subset(pool.tolist()), device, self.feature_fn, self.batch_size, tensor
                 )
                 features = dict(zip(candidates, pooled.split([len(c) for c in candidates.values()])))
+            self.last_herding = {label: (rows, features[label]) for label, rows in candidates.items() if label in features}
             for label, rows in candidates.items():
                 if self.selection == "herding":
                     order = herding_order(features[label], quota - n_holdout)

@@ -69,7 +69,7 @@ def train_phase(
     if not params:
         raise ValueError(f"{description}: no parameters to train")
     optimizer = torch.optim.SGD(
-        params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
+        params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay, foreach=True
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule.milestones, schedule.gamma)
     data = dataset.train() if (mode == "train" and hasattr(dataset, "train")) else dataset

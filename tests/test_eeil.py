@@ -275,3 +275,37 @@ def test_gradient_noise_variance():
     assert p.grad.var().item() == pytest.approx(0.3 / 10**0.55, rel=0.02)
     assert untouched.grad is None
     assert noise.std(0) == pytest.approx(math.sqrt(0.3))
+
+
+def test_balanced_set_reuses_the_memorys_herding_and_picks_what_a_fresh_picker_picks(digits_ctx):
+    """The balanced set's new-class samples come from the features the memory just herded
+    with (no second extraction); they are the samples a throwaway memory with the old quota
+    picks, in the same order, and they extend the memory's own picks (herding is greedy)."""
+    from cl_ext.data import attribute
+
+    model = registry.build("model", "mlp", digits_ctx, {"hidden": [16]})
+    first, second = digits_ctx.benchmark.benchmark.train_stream[:2]
+    memory = ExemplarMemory(size=24)
+    memory.update(model, first.dataset, "cpu")
+    old = memory.dataset()
+    memory.update(model, second.dataset, "cpu", experience=1)  # quota 12 -> 6
+    assert sorted(memory.last_herding) == [2, 3]
+
+    calls = []
+    original = eeil.ExemplarMemory.update
+    eeil.ExemplarMemory.update = lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1]
+    try:
+        reused = eeil.balanced_dataset(old, memory, 12, model, second.dataset, "cpu")
+        assert calls == []  # no throwaway memory, no second feature extraction
+        memory.last_herding = {}
+        fresh = eeil.balanced_dataset(old, memory, 12, model, second.dataset, "cpu")
+        assert calls == [1]
+    finally:
+        eeil.ExemplarMemory.update = original
+    ids = attribute(reused, "sample_id")
+    assert torch.equal(ids, attribute(fresh, "sample_id"))
+    assert attribute(reused, "targets").bincount().tolist() == [12, 12, 12, 12]
+    for label in (2, 3):  # the memory's 6 are the first 6 of the balanced set's 12
+        kept = attribute(memory.class_dataset(label), "sample_id")
+        new_ids = ids[attribute(reused, "targets") == label]
+        assert torch.equal(new_ids[:6], kept)

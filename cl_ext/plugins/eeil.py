@@ -31,12 +31,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
-from cl_ext.memory import ExemplarMemory
+from cl_ext.memory import ExemplarMemory, herding_order
 from cl_ext.registry import register
 from cl_ext.data import attribute, tensor_enabled
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
@@ -216,9 +217,16 @@ def balanced_dataset(
 ):
     """The old exemplars plus ``per_class`` samples of each new class, picked like the memory picks.
 
-    A throwaway :class:`ExemplarMemory` with the same selection does the subsampling, so the
-    new classes' samples are the ones herding ranks first.
+    With herding, the memory has just ranked the same classes of ``new_data`` with the same
+    model: its candidates and features (``memory.last_herding``) are herded again with
+    ``per_class`` (herding is greedy, so these picks extend the memory's own). Otherwise a
+    throwaway :class:`ExemplarMemory` with the same selection does the subsampling.
     """
+    labels = sorted(int(c) for c in attribute(new_data, "targets").unique())
+    herded = memory.last_herding
+    if memory.selection == "herding" and not memory.holdout and labels == sorted(herded):
+        parts = [new_data.subset(herded[c][0][herding_order(herded[c][1], per_class)].tolist()) for c in labels]
+        return old_exemplars.concat(concat_datasets(parts))
     picker = ExemplarMemory(
         per_class=per_class, selection=memory.selection, feature_fn=memory.feature_fn, batch_size=memory.batch_size
     )
