@@ -100,7 +100,7 @@ def build_mas(
     alpha: float = 0.5,
     accumulate: Literal["average", "sum"] = "average",
 ) -> MAS | Naive:
-    """Memory Aware Synapses (Aljundi et al. 2018); accumulate: sum as the authors' code, average (alpha) as Avalanche."""
+    """Memory Aware Synapses (Aljundi et al. 2018); importance summed (authors) or averaged (Avalanche)."""
     if accumulate == "average":
         return MAS(ctx.model, criterion=_criterion(), lambda_reg=lambda_reg, alpha=alpha, **common_kwargs(ctx))
     # Avalanche's MAS strategy is the plain training loop with its plugin after the others: so is this.

@@ -8,4 +8,6 @@ from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.plugins.slnid import SLNIDPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
-__all__ = ["BiCPlugin", "EEILPlugin", "ExemplarMemoryPlugin", "IL2MPlugin", "SLNIDPlugin", "SummedMASPlugin", "UCIRPlugin"]
+__all__ = [
+    "BiCPlugin", "EEILPlugin", "ExemplarMemoryPlugin", "IL2MPlugin", "SLNIDPlugin", "SummedMASPlugin", "UCIRPlugin",
+]
