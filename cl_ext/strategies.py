@@ -106,7 +106,7 @@ def build_mas(
     # Avalanche's MAS strategy is the plain training loop with its plugin after the others: so is this.
     kwargs = common_kwargs(ctx)
     kwargs["plugins"] = [*kwargs["plugins"], SummedMASPlugin(lambda_reg=lambda_reg)]
-    return Naive(ctx.model, criterion=_criterion(), **kwargs)
+    return Naive(model=ctx.model, criterion=_criterion(), **kwargs)
 
 
 @register("strategy", "gem")
