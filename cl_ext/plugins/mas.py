@@ -3,11 +3,11 @@
 Aljundi et al., "Memory Aware Synapses", ECCV 2018. Avalanche's ``MASPlugin`` keeps a running
 average of the importance, ``alpha * old + (1 - alpha) * new`` (alpha 0.5 by default, after
 FACIL), so after five tasks the first task's importance enters with weight 1/16 and the
-newest's with 1/2. The authors' code adds
-the new importance to the accumulated one (``Regularized_Training.accumelate_reg_params`` in
-``rahafaljundi/Selfless-Sequential-Learning``: ``acc_omega = torch.add(prev_omega, new_omega)``),
-so every finished task keeps its full weight and ``lambda_reg`` multiplies their sum. The
-strategy ``mas`` takes ``accumulate: sum`` for this plugin; ``average`` keeps Avalanche's.
+newest's with 1/2. The authors' code adds the new importance to the accumulated one
+(``Regularized_Training.accumelate_reg_params`` in ``rahafaljundi/Selfless-Sequential-Learning``:
+``acc_omega = torch.add(prev_omega, new_omega)``), so every finished task keeps its full weight
+and ``lambda_reg`` multiplies their sum. The strategy ``mas`` takes ``accumulate: sum`` for this
+plugin; ``average`` keeps Avalanche's.
 
 Only the accumulation differs: the importance of one task and the penalty are Avalanche's.
 """
