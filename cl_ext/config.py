@@ -95,6 +95,11 @@ class StrategyConfig(_Strict):
         "allow it; avalanche: always Avalanche's per-sample loaders (strategy.dataloader applies to them)",
     )
     dataloader: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
+    reset_optimizer: bool = Field(
+        False,
+        description="start every training experience with an empty optimizer state (momentum, Adam's moments), "
+        "as code that builds a fresh optimizer per task does; false: Avalanche's optimizer carries its state over",
+    )
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop", description="a NaN or infinite training loss stops the run (naming the terms) or skips the batch"
     )

@@ -151,6 +151,21 @@ class ProgressPlugin(StatelessPlugin):
         return float((losses * counts).sum()) / self._seen
 
 
+class OptimizerResetPlugin(StatelessPlugin):
+    """``strategy.reset_optimizer``: every training experience starts with an empty optimizer state.
+
+    The SLNID/MAS authors build a new optimizer for each task, so no momentum from the last
+    task's gradients pushes the first steps of the next one; Avalanche keeps one optimizer
+    and carries its state. This runs after Avalanche has updated the optimizer's parameters
+    for the experience (its model adaptation comes before the plugins' hook), and empties the
+    state the way Avalanche's own ``reset_optimizer_state`` does. Learning rates are the
+    schedule's business (``lr_schedule`` restarts them at every experience).
+    """
+
+    def before_training_exp(self, strategy, **kwargs):
+        strategy.optimizer.state.clear()
+
+
 class EpochCheckpointPlugin(StatelessPlugin):
     """Saves a checkpoint every ``every`` epochs inside an experience (not after its last epoch).
 
@@ -232,6 +247,8 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
         )
         named_plugins["memory"] = ExemplarMemoryPlugin(ctx.memory, train_stream=ctx.benchmark.benchmark.train_stream)
         plugins.append(named_plugins["memory"])
+    if recipe.strategy.reset_optimizer:
+        plugins.append(OptimizerResetPlugin())
     ctx.plugins = plugins
     for i, spec in enumerate(recipe.plugins):
         if spec.name in named_plugins:

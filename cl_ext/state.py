@@ -3,7 +3,8 @@
 A plugin declares its state through one protocol: ``state_dict()`` returns plain data
 (tensors, numbers, strings, lists, dicts) and ``load_state_dict(state)`` puts it back.
 Avalanche's own plugins do not follow it, so the ones whose state cl-ext knows get an
-adapter here (the clock, periodic evaluation, the LR scheduler, MAS, EWC, LwF, SI); any other plugin makes
+adapter here (the clock, periodic evaluation, the LR scheduler, MAS and cl-ext's summed MAS,
+EWC, LwF, SI); any other plugin makes
 :func:`plugin_states` name it as a reason why the run cannot be resumed, rather than
 resume it with state silently lost.
 
@@ -32,6 +33,7 @@ from avalanche.training.utils import ParamData
 from torch import nn
 
 from cl_ext.metrics import ListenedEvaluationPlugin
+from cl_ext.plugins.mas import SummedMASPlugin
 
 
 class NotResumable(Exception):
@@ -229,6 +231,7 @@ ADAPTERS: dict[type, tuple[Saver, Loader]] = {
     PeriodicEval: (_save_flags, _load_flags),
     LRSchedulerPlugin: (_save_scheduler, _load_scheduler),
     MASPlugin: (_save_mas, _load_mas),
+    SummedMASPlugin: (_save_mas, _load_mas),  # the same state, summed differently
     EWCPlugin: (_save_ewc, _load_ewc),
     LwFPlugin: (_save_lwf, _load_lwf),
     SynapticIntelligencePlugin: (_save_si, _load_si),

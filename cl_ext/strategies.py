@@ -25,6 +25,7 @@ from avalanche.training.supervised.cumulative import Cumulative
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
+from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.registry import register
 
 
@@ -93,9 +94,19 @@ def build_si(ctx: BuildContext, si_lambda: float = 1.0, eps: float = 1e-7) -> Sy
 
 
 @register("strategy", "mas")
-def build_mas(ctx: BuildContext, lambda_reg: float = 1.0, alpha: float = 0.5) -> MAS:
-    """Memory Aware Synapses (Aljundi et al. 2018)."""
-    return MAS(ctx.model, criterion=_criterion(), lambda_reg=lambda_reg, alpha=alpha, **common_kwargs(ctx))
+def build_mas(
+    ctx: BuildContext,
+    lambda_reg: float = 1.0,
+    alpha: float = 0.5,
+    accumulate: Literal["average", "sum"] = "average",
+) -> MAS | Naive:
+    """Memory Aware Synapses (Aljundi et al. 2018); importance summed (authors) or averaged (Avalanche)."""
+    if accumulate == "average":
+        return MAS(ctx.model, criterion=_criterion(), lambda_reg=lambda_reg, alpha=alpha, **common_kwargs(ctx))
+    # Avalanche's MAS strategy is the plain training loop with its plugin after the others: so is this.
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], SummedMASPlugin(lambda_reg=lambda_reg)]
+    return Naive(model=ctx.model, criterion=_criterion(), **kwargs)
 
 
 @register("strategy", "gem")

@@ -241,13 +241,17 @@ def test_strategies_with_unsaved_state_refuse_to_resume(tmp_path, tiny_recipe_da
         resume_experiment(run_dir)
 
 
-@pytest.mark.parametrize("strategy", ["ewc", "lwf", "si", "naive"])
-def test_avalanche_regularisers_resume_exactly(strategy, tmp_path, monkeypatch):
-    """EWC's Fisher information, LwF's previous model and SI's path integrals go through cl-ext's adapters."""
+@pytest.mark.parametrize("strategy, options", [
+    ("ewc", {"ewc_lambda": 100.0}), ("lwf", {}), ("si", {}), ("naive", {}), ("mas", {"accumulate": "sum"}),
+])
+def test_avalanche_regularisers_resume_exactly(strategy, options, tmp_path, monkeypatch):
+    """EWC's Fisher information, LwF's previous model, SI's path integrals and the summed MAS
+    importance go through cl-ext's adapters; the summed MAS runs with reset_optimizer, whose
+    resumed experience must start from the same empty optimizer state."""
     import cl_ext.runner as runner
 
     data = _base()
-    data["strategy"].update(name=strategy, memory=None, options={"ewc_lambda": 100.0} if strategy == "ewc" else {})
+    data["strategy"].update(name=strategy, memory=None, options=options, reset_optimizer=strategy == "mas")
     reference = reference_run(data, tmp_path / "reference")
     save, saves = runner.save_checkpoint, []
 

@@ -222,6 +222,60 @@ def test_layers_option_and_errors():
         SLNIDPlugin(discount="max")
 
 
+class _ReusedReLU(nn.Module):
+    """One ReLU module applied after two layers of different widths (as a ResNet block does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(1, 2, bias=False)
+        self.fc2 = nn.Linear(2, 3, bias=False)
+        self.out = nn.Linear(3, 1, bias=False)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[1.0], [2.0]]))
+            self.fc2.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+            self.out.weight.fill_(1.0)
+
+    def forward(self, x):
+        return self.out(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+
+def test_a_module_called_twice_is_two_layers():
+    """x = 1: first call h1 = (1, 2), second call h2 = relu(1, 2, -1) = (1, 2, 0), F = 3.
+    d F^2 / dh2 = 2F (1, 1, 1) = (6, 6, 6), gated by h2: (6, 6, 0); d F^2 / dh1 = (6, 6, 0) W2 = (6, 6),
+    gated by h1: (6, 6). The whole-layer penalty (scale None, all weights 1 off the diagonal):
+    2 * 1 * 2 = 4 for each call."""
+    model = _ReusedReLU()
+    data = TensorDataset(torch.ones(1, 1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    strategy = SimpleNamespace(
+        model=model, experience=SimpleNamespace(dataset=data), eval_mb_size=1, device=torch.device("cpu")
+    )
+    plugin = SLNIDPlugin(lambda_ssl=1.0, scale=None)
+    plugin.before_training(strategy)
+    plugin.before_forward(strategy)
+    model(torch.ones(1, 1))
+    plugin.after_forward(strategy)
+    assert [key for key, _ in plugin._activations] == ["relu", "relu#1"]
+    assert plugin.penalty().item() == pytest.approx(8.0)
+    assert plugin._weights["relu"].shape == (2, 2) and plugin._weights["relu#1"].shape == (3, 3)
+    plugin.after_training_exp(strategy)
+    assert torch.equal(plugin.importance["relu"], torch.tensor([6.0, 6.0]))
+    assert torch.equal(plugin.importance["relu#1"], torch.tensor([6.0, 6.0, 0.0]))
+    assert sorted(plugin.summary()["importance_per_task"][0]) == ["relu", "relu#1"]
+    # The next task discounts each call by its own importance.
+    plugin.before_training_exp(strategy)
+    plugin.before_forward(strategy)
+    model(torch.ones(1, 1))
+    plugin.after_forward(strategy)
+    plugin.penalty()
+    assert torch.allclose(plugin._weights["relu#1"][0, 1], torch.tensor(math.exp(-12.0)))
+    assert torch.allclose(plugin._weights["relu#1"][0, 2], torch.tensor(math.exp(-6.0)))
+    restored = SLNIDPlugin()
+    restored.load_state_dict(plugin.state_dict())
+    assert sorted(restored.importance) == ["relu", "relu#1"]
+    plugin.after_training(strategy)
+
+
 class _WeightSpy(SupervisedPlugin):
     """Records the SLNID weight matrices used at the first iteration of each experience."""
 

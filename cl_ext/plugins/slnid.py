@@ -103,6 +103,13 @@ class _QuadraticForm(torch.autograd.Function):
         return product * (2 * grad / ctx.rows), None
 
 
+def call_key(name: str, call: int) -> str:
+    """The key of a chosen module's ``call``-th call (from 0) in one forward pass: its name for
+    the first call, so a module called once keeps the key earlier versions gave it, and
+    ``name#k`` for the (k+1)-th."""
+    return name if call == 0 else f"{name}#{call}"
+
+
 def neuron_importance_sum(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Sum over samples of ``|dL2(F)/dh_i|`` where the neuron fires (``h_i != 0``).
 
@@ -127,7 +134,10 @@ class SLNIDPlugin(SupervisedPlugin):
 
     ``layers``: module names (as in ``model.named_modules()``) or class names such as
     ``"ReLU"``; by default every ``nn.ReLU`` whose output is 2-D, i.e. the fully connected
-    layers, as in the paper. Explicitly chosen conv layers treat channels as neurons.
+    layers, as in the paper. Explicitly chosen conv layers treat channels as neurons. A module
+    called more than once in a forward pass counts as one layer per call: its first call is
+    keyed by its name, later ones ``name#1``, ``name#2``, ... (in ``importance``,
+    ``state_dict()`` and ``summary()``).
     """
 
     def __init__(
@@ -151,6 +161,7 @@ class SLNIDPlugin(SupervisedPlugin):
         self._handles: list[Any] = []
         self._recording = False
         self._activations: list[tuple[str, torch.Tensor]] = []
+        self._calls: dict[str, int] = {}  # calls of each chosen module in this forward pass
 
     # hooks on the model ----------------------------------------------------------------
     def _select(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -164,13 +175,22 @@ class SLNIDPlugin(SupervisedPlugin):
             raise ValueError(f"SLNID: the model has no {wanted}; pick layers among: {names}, ...")
         return chosen
 
+    def _start_recording(self) -> None:
+        self._activations, self._calls, self._recording = [], {}, True
+
     def _attach(self, model: nn.Module) -> None:
         fc_only = self.layers is None
 
         def record(name: str):
             def hook(module, inputs, output):
-                if self._recording and (output.dim() == 2 or not fc_only):
-                    self._activations.append((name, output))
+                if not self._recording:
+                    return
+                # A module called twice in one forward (a ResNet block's one ReLU) gives two
+                # layers, each with its own width, importance and weights: key each call.
+                call = self._calls.get(name, 0)
+                self._calls[name] = call + 1
+                if output.dim() == 2 or not fc_only:
+                    self._activations.append((call_key(name, call), output))
 
             return hook
 
@@ -219,8 +239,7 @@ class SLNIDPlugin(SupervisedPlugin):
         self._weights = {}  # importance may have changed since the last task
 
     def before_forward(self, strategy, **kwargs):
-        self._activations = []
-        self._recording = True
+        self._start_recording()
 
     def after_forward(self, strategy, **kwargs):
         self._recording = False
@@ -262,7 +281,7 @@ class SLNIDPlugin(SupervisedPlugin):
             with phase("SLNID neuron importance", total=len(batches)) as report:
                 for batch in batches:
                     x, t = batch[0].to(strategy.device), batch[-1].to(strategy.device)
-                    self._activations, self._recording = [], True
+                    self._start_recording()
                     out = avalanche_forward(model, x, t)
                     self._recording = False
                     acts = self._activations
