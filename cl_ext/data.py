@@ -91,16 +91,33 @@ class ImagePipeline:
 
     def batch(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A (B, C, H, W) batch: crop offsets and flips drawn on the CPU from ``generator``
-        (so a run sees the same data on any device), applied with one gather on the batch's device."""
+        (so a run sees the same data on any device), applied on the batch's device."""
         if self._augment is not None:
-            n = len(images)
-            if self.crop is not None:
-                offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
-            else:
-                offsets = torch.full((n, 2), self.padding, dtype=torch.long)
-            flips = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+            offsets, flips = self._draw(len(images), generator)
             size = self.crop if self.crop is not None else images.shape[-2]
             images = crop_flip(images, offsets.to(images.device), flips.to(images.device), self.padding, size)
+        return self._normalise(images)
+
+    def gather(self, source: Any, rows: torch.Tensor, device: torch.device, generator: torch.Generator | None = None):
+        """``batch(source.gather(rows, device), generator)``, the same draws and values; cut
+        straight from the source's padded images and their mirrors when it keeps them
+        (``padded_pair``), without gathering, padding and mirroring every batch."""
+        if self._augment is None or not hasattr(source, "padded_pair"):
+            return self.batch(source.gather(rows, device), generator)
+        offsets, flips = self._draw(len(rows), generator)
+        padded = source.padded_pair(device, self.padding)
+        size = self.crop if self.crop is not None else padded.shape[-2] - 2 * self.padding
+        return self._normalise(crop_windows(padded, rows, offsets.to(device), flips.to(device), self.padding, size))
+
+    def _draw(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.crop is not None:
+            offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
+        else:
+            offsets = torch.full((n, 2), self.padding, dtype=torch.long)
+        flips = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return offsets, flips
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         images = self._to_float(images)
         if self.mean is None:
             return images
@@ -136,25 +153,31 @@ def crop_flip(
     images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int, size: int
 ) -> torch.Tensor:
     """Per image: zero-pad by ``padding``, take the ``size`` x ``size`` window at ``offsets[i]``
-    (row, column), mirror it where ``flips[i]``.
-
-    Every output row is a run of ``size`` consecutive pixels of the padded batch, or of its
-    mirror image, so the whole batch is one ``index_select`` of runs from an overlapping view
-    of the bytes: five times cheaper on a CPU than gathering pixel by pixel, whose cost grows
-    with every element instead of every row. A window at column ``x`` of a mirrored image
-    is the mirror of the window at ``2 * padding - x`` of the original.
-    """
-    n, channels, height, width = images.shape
+    (row, column), mirror it where ``flips[i]``."""
     both = F.pad(torch.cat([images, images.flip(-1)]), (padding,) * 4)
-    height, width = height + 2 * padding, width + 2 * padding
+    return crop_windows(both, torch.arange(len(images), device=images.device), offsets, flips, padding, size)
+
+
+def crop_windows(
+    padded: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int, size: int
+) -> torch.Tensor:
+    """The windows of :func:`crop_flip` for images ``rows`` of ``padded``: N padded images
+    followed by their N mirror images, (2N, C, H + 2 padding, W + 2 padding).
+
+    Every output row is a run of ``size`` consecutive pixels of a padded image or of its
+    mirror, so the whole batch is one ``index_select`` of runs from an overlapping view of
+    the bytes: five times cheaper on a CPU than gathering pixel by pixel, whose cost grows
+    with every element instead of every row. A window at column ``x`` of a mirrored image is
+    the mirror of the window at ``2 * padding - x`` of the original.
+    """
+    half, channels, height, width = len(padded) // 2, *padded.shape[1:]
     flips = flips.long()
     left = offsets[:, 1] + flips * (2 * padding - 2 * offsets[:, 1])
-    image = torch.arange(n, device=images.device) + n * flips
-    first = (image * (channels * height) + offsets[:, 0]) * width + left
-    steps = torch.arange(size, device=images.device)
-    within = (torch.arange(channels, device=images.device)[:, None] * height + steps) * width
+    first = ((rows + half * flips) * (channels * height) + offsets[:, 0]) * width + left
+    steps = torch.arange(size, device=padded.device)
+    within = (torch.arange(channels, device=padded.device)[:, None] * height + steps) * width
     starts = (first[:, None, None] + within).view(-1)
-    return both.view(-1).unfold(0, size, 1).index_select(0, starts).view(n, channels, size, size)
+    return padded.view(-1).unfold(0, size, 1).index_select(0, starts).view(len(rows), channels, size, size)
 
 
 # -- resolving a dataset to rows of a tensor ----------------------------------------------
@@ -344,9 +367,10 @@ class TensorLoader:
             else:
                 index = order[start : start + self.batch_size]
                 rows, targets, tasks = (t.index_select(0, index) for t in (self.rows, self.targets, self.tasks))
-            x = self.view.source.gather(rows, self.device)
-            if self.view.pipeline is not None:
-                x = self.view.pipeline.batch(x, draws)
+            if self.view.pipeline is None:
+                x = self.view.source.gather(rows, self.device)
+            else:
+                x = self.view.pipeline.gather(self.view.source, rows, self.device, draws)
             yield [x, targets, tasks]
 
 

@@ -75,6 +75,21 @@ def test_batched_pipeline_equals_per_sample_pipeline_for_the_same_draws():
         assert torch.equal(batch[k], one)
 
 
+@pytest.mark.parametrize("pipeline", [CIFAR_LIKE, ImagePipeline("scale", crop=28, padding=2, flip=True),
+                                      ImagePipeline("scale", flip=True)])
+def test_cutting_from_the_stored_padded_pair_equals_gathering_then_cropping(pipeline):
+    """A source that keeps its padded images and their mirrors gives the batch that gathering
+    the rows, padding and cropping gives, bit for bit, for the same generator."""
+    from cl_ext.benchmarks.common import ArrayDataset
+
+    source = ArrayDataset(_uint8_images(12), torch.zeros(12))
+    rows = torch.tensor([11, 0, 5, 5, 3, 7, 1])
+    cut = pipeline.gather(source, rows, torch.device("cpu"), torch.Generator().manual_seed(3))
+    gathered = pipeline.batch(source.gather(rows, torch.device("cpu")), torch.Generator().manual_seed(3))
+    assert torch.equal(cut, gathered) and cut.shape[-1] == (pipeline.crop or 32)
+    assert len(source._padded) == 1  # made once
+
+
 def _decode_draws(out: torch.Tensor) -> list[tuple[int, int, bool]]:
     """Offsets and flips of crops of the coordinate image below, read from two central pixels."""
     centre, right = out[:, 0, 16, 16].long(), out[:, 0, 16, 17].long()

@@ -27,6 +27,7 @@ class ArrayDataset(Dataset):
         self.x = x
         self.targets = torch.as_tensor(y, dtype=torch.long)
         self._copies: dict[torch.device, torch.Tensor] = {}
+        self._padded: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.x)
@@ -44,6 +45,16 @@ class ArrayDataset(Dataset):
     def gather(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
         # index_select copies whole rows; advanced indexing costs 20x as much on a CPU
         return self.stored_on(device).index_select(0, rows)
+
+    def padded_pair(self, device: torch.device, padding: int) -> torch.Tensor:
+        """Every image zero-padded by ``padding``, then every mirrored image, as one (2N, C, H', W')
+        tensor on ``device``, made once: augmented batches are cut from it directly
+        (:func:`cl_ext.data.crop_windows`). Costs 2 (1 + 2 padding / H)^2 times the images' memory."""
+        key = (device, padding)
+        if key not in self._padded:
+            images = self.stored_on(device)
+            self._padded[key] = torch.nn.functional.pad(torch.cat([images, images.flip(-1)]), (padding,) * 4)
+        return self._padded[key]
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
