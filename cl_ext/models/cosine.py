@@ -52,14 +52,21 @@ def imprinted_weights(
 def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, dim=1)``, the same operations, without the Python wrapper of ``Tensor.norm``
     (it costs as much as the kernel at a head's size)."""
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(eps).expand_as(x)
+    return _unit_rows_and_norms(x, eps)[0]
+
+
+def _unit_rows_and_norms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``unit_rows(x)`` and the row norms it divided by (clamped at ``eps``), as (N, 1)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(eps)
+    return x / norm, norm
 
 
 def _unit_rows_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gradient through ``unit = x / max(|x|, eps)``: the part of ``grad`` orthogonal to the unit
-    row, over the norm (all of ``grad`` over eps where the norm was clamped)."""
+    """Gradient through ``unit = x / max(|x|, eps)`` given that clamped ``norm``: the part of
+    ``grad`` orthogonal to the unit row, over the norm (all of ``grad`` over eps where the
+    norm was clamped)."""
     along = (grad * unit).sum(1, keepdim=True)
-    return (grad - unit * torch.where(norm > eps, along, 0.0)) / norm.clamp_min(eps)
+    return (grad - unit * torch.where(norm > eps, along, 0.0)) / norm
 
 
 class _UnitCosine(torch.autograd.Function):
@@ -74,10 +81,8 @@ class _UnitCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-12):
-        f_norm = torch.linalg.vector_norm(features, dim=1, keepdim=True)
-        w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-        units = features / f_norm.clamp_min(eps)
-        weight_units = weight / w_norm.clamp_min(eps)
+        units, f_norm = _unit_rows_and_norms(features, eps)
+        weight_units, w_norm = _unit_rows_and_norms(weight, eps)
         ctx.save_for_backward(units, weight_units, f_norm, w_norm)
         ctx.eps = eps
         return F.linear(units, weight_units), units
