@@ -11,3 +11,8 @@ class RecipeError(CLExtError, ValueError):
 
 class DataNotFoundError(CLExtError, FileNotFoundError):
     """A benchmark's data is neither on disk nor downloadable; the message says where to put it."""
+
+
+class DataError(CLExtError, ValueError):
+    """A benchmark's data is there but cannot be used as it stands; the message names the file,
+    the array and what was found in it."""

@@ -102,6 +102,8 @@ def cap_per_class(y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor
     """Indices keeping at most ``limit`` samples per class (a seeded random choice)."""
     if limit is None:
         return torch.arange(len(y))
+    if limit < 1:
+        raise RecipeError(f"benchmark.options.train_per_class: must be at least 1 (or null for all), got {limit}")
     generator = torch.Generator().manual_seed(seed)
     keep = [
         idx[torch.randperm(len(idx), generator=generator)[:limit]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -10,7 +11,7 @@ import torch
 from cl_ext.benchmarks.common import ArrayDataset, cap_per_class, class_incremental, images_to_tensor
 from cl_ext.context import BenchmarkBundle, BuildContext
 from cl_ext.data import ImagePipeline
-from cl_ext.errors import DataNotFoundError
+from cl_ext.errors import DataError, DataNotFoundError, RecipeError
 from cl_ext.registry import register
 
 ClassOrder = Literal["seed", "fixed"] | list[int]
@@ -20,10 +21,11 @@ CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 MNIST_STATS = ((0.1307,), (0.3081,))
 
 
-def image_transforms(stats, augment: Literal["none", "cifar"]) -> tuple[ImagePipeline, ImagePipeline]:
-    """uint8 CHW tensors -> normalised float; ``cifar`` adds the standard pad-4 crop and mirror."""
+def image_transforms(stats, augment: Literal["none", "cifar"], size: int = 32) -> tuple[ImagePipeline, ImagePipeline]:
+    """uint8 CHW tensors -> normalised float; ``cifar`` adds the standard pad-4 crop (back to the
+    images' ``size``) and mirror."""
     mean, std = (tuple(float(v) for v in s) for s in stats)
-    train = ImagePipeline("scale", mean, std, crop=32, padding=4, flip=True) if augment == "cifar" else None
+    train = ImagePipeline("scale", mean, std, crop=size, padding=4, flip=True) if augment == "cifar" else None
     evaluation = ImagePipeline("scale", mean, std)
     return train or evaluation, evaluation
 
@@ -40,12 +42,68 @@ def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
             f"{what}: {path} does not exist. Point the option at a .npz file holding x_train, "
             "y_train, x_test and y_test (images as uint8 (N, H, W) or (N, H, W, C), integer labels)."
         )
-    with np.load(path, allow_pickle=False) as archive:
-        data = {k: archive[k] for k in archive.files}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {k: archive[k] for k in archive.files}
+    # NumPy answers a file that is not an archive with "pickled data ... allow_pickle", and a
+    # truncated one with a zip, EOF or OS error: none of them says what is wrong with the file.
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(
+            f"{what}: {path} is not a readable .npz archive ({type(err).__name__}: {err}); write it with "
+            "numpy.savez or numpy.savez_compressed (arrays x_train, y_train, x_test, y_test)"
+        ) from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
     if missing:
         raise DataNotFoundError(f"{what}: {path} lacks the arrays {', '.join(missing)} (has {', '.join(data)})")
-    return data
+    return checked_arrays(data, f"{what}: {path}")
+
+
+def checked_arrays(data: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The benchmark arrays after the checks that catch data which would otherwise be used wrongly
+    or fail mid-run: images (N, H, W) or (N, H, W, C) of one size in both splits, uint8, or float in
+    [0, 1] (scaled to uint8 here, rounding, so every path sees the same pixels); as many integer
+    labels as images; the training labels exactly 0..C-1, the test labels among them. ``source``
+    (the recipe key and file) starts every message."""
+    checked = dict(data)
+    for split in ("train", "test"):
+        x, y = np.asarray(data[f"x_{split}"]), np.asarray(data[f"y_{split}"])
+        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)) or len(x) == 0:
+            raise DataError(
+                f"{source}: x_{split} has shape {x.shape}; expected a non-empty (N, H, W) or channels-last "
+                "(N, H, W, C) array of images with C = 1 or 3"
+            )
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{source}: x_{split} holds {len(x)} images but y_{split} has shape {y.shape}; expected ({len(x)},)")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{source}: y_{split} has dtype {y.dtype}; class labels must be integers 0..C-1")
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.isfinite(x).all():
+                raise DataError(f"{source}: x_{split} holds {int((~np.isfinite(x)).sum())} NaN or infinite pixels")
+            low, high = float(x.min()), float(x.max())
+            if low < 0 or high > 1:
+                raise DataError(
+                    f"{source}: x_{split} is {x.dtype} with values in [{low:g}, {high:g}]; float images must "
+                    "lie in [0, 1] (or store uint8 0..255)"
+                )
+            checked[f"x_{split}"] = np.rint(x * 255).astype(np.uint8)
+        elif x.dtype != np.uint8:
+            raise DataError(f"{source}: x_{split} has dtype {x.dtype}; expected uint8 (0..255) or float in [0, 1]")
+    if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
+        raise DataError(
+            f"{source}: training images are {data['x_train'].shape[1:]} but test images "
+            f"{data['x_test'].shape[1:]}; both splits must hold images of one size"
+        )
+    train_classes = np.unique(data["y_train"])
+    if train_classes[0] != 0 or train_classes[-1] != len(train_classes) - 1:
+        shown = ", ".join(map(str, train_classes[:8])) + (", ..." if len(train_classes) > 8 else "")
+        raise DataError(
+            f"{source}: y_train's labels must be 0..C-1 with every class present; found {len(train_classes)} "
+            f"distinct labels from {train_classes[0]} to {train_classes[-1]} ({shown})"
+        )
+    unseen = np.setdiff1d(np.unique(data["y_test"]), train_classes)
+    if len(unseen):
+        raise DataError(f"{source}: y_test has classes that y_train lacks: {', '.join(map(str, unseen[:8]))}")
+    return checked
 
 
 def _arrays_bundle(
@@ -68,7 +126,10 @@ def _arrays_bundle(
     x_train, y_train = x_train[keep], y_train[keep]
     if stats is None:
         stats = _channel_stats(x_train)
-    train_tf, eval_tf = image_transforms(stats, augment)
+    height, width = x_train.shape[-2:]
+    if augment == "cifar" and height != width:
+        raise RecipeError(f"benchmark.options.augment: 'cifar' crops square images; these are {height}x{width}")
+    train_tf, eval_tf = image_transforms(stats, augment, size=width)
     names = [str(n) for n in data["class_names"]] if "class_names" in data else None
     return class_incremental(
         name,
@@ -166,7 +227,7 @@ def torchvision_arrays(dataset_cls, root: Path, download: bool, what: str, npz_n
         x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
         data[f"x_{split}"], data[f"y_{split}"] = x, np.asarray(ds.targets)
     data["class_names"] = np.asarray(train.classes)
-    return data
+    return checked_arrays(data, f"{what} ({dataset_cls.__name__} under {root})")
 
 
 def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
