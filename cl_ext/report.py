@@ -509,6 +509,10 @@ def run_sections(run: RunData, key: str, level: int = 2) -> list[Section]:
     if not m.get("finished", True):
         lines.append(f"The run stopped after {m.get('completed_experiences')} of {m.get('n_experiences')} "
                      "experiences: the numbers cover the finished ones.")
+    if m.get("non_finite"):
+        shown = ", ".join(m["non_finite"][:6]) + (", ..." if len(m["non_finite"]) > 6 else "")
+        lines.append(f"Warning: {len(m['non_finite'])} value(s) were NaN or infinite and are left blank "
+                     f"({shown}): something in this run diverged.")
     seen_keys = [f"{CNN_PREFIX}/seen_accuracy"] + ([f"{NME_PREFIX}/seen_accuracy"] if run.nme else [])
     blocks: list[Block] = [Text(" ".join(lines)), headline_table(run)]
     blocks.append(Figure(f"{key}-accuracy", f"{run.label}: accuracy per step",

@@ -292,6 +292,29 @@ def _atomic_write(path: Path, text: str) -> None:
     _replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """``metrics.json``'s text, strict JSON: Python writes NaN and infinities as bare ``NaN`` and
+    ``Infinity``, which strict parsers (browsers, ``jq``, most languages) reject. Each such value is
+    written as ``null`` and its dotted path listed under ``non_finite``, so a reader can tell a
+    diverged statistic from a missing one."""
+    paths: list[str] = []
+
+    def finite(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not np.isfinite(value):
+            paths.append(path)
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = finite(metrics, "")
+    if paths:
+        cleaned["non_finite"] = paths
+    return json.dumps(cleaned, indent=2, allow_nan=False)
+
+
 @functools.cache
 def code_version() -> dict[str, Any]:
     """What a resumed run must run with to continue bit for bit: cl-ext's source, torch, Avalanche.
@@ -620,7 +643,7 @@ def run_experiment(
             wall_times.append(time.perf_counter() - started + already)
             exp.checkpoint = None
             metrics = collect_metrics(exp, wall_times, finished=False)
-            _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+            _atomic_write(run_dir / "metrics.json", metrics_json(metrics))
             _atomic_write(run_dir / "steps.csv", steps_csv(metrics))
             if recipe.output.checkpoint:
                 save_checkpoint(exp, run_dir, wall_times)
@@ -630,5 +653,5 @@ def run_experiment(
     finally:
         if wall_times:
             metrics = collect_metrics(exp, wall_times, finished=finished)
-            _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+            _atomic_write(run_dir / "metrics.json", metrics_json(metrics))
     return metrics

@@ -245,3 +245,17 @@ def test_report_renders_in_headless_chromium(comparison, tmp_path):
     assert pixels.shape[:2] == (900, 900)
     # the plots and tables drew something: far from a blank page
     assert len(np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)) > 50
+
+
+def test_metrics_json_is_strict_and_lists_what_was_not_finite(tmp_path):
+    from cl_ext.runner import metrics_json
+
+    metrics = {"forgetting": float("nan"), "plugins": {"bic": {"alpha": [1.0, float("inf")]}}, "seen_accuracy": [0.5]}
+    text = metrics_json(metrics)
+    parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.json"))
+    assert parsed == {"forgetting": None, "plugins": {"bic": {"alpha": [1.0, None]}}, "seen_accuracy": [0.5],
+                      "non_finite": ["forgetting", "plugins.bic.alpha[1]"]}
+    assert metrics["forgetting"] != metrics["forgetting"]  # the caller's dict is left as it was
+    run = make_run(tmp_path, "diverged", non_finite=parsed["non_finite"])
+    text = rp.report_for_dirs([run]).sections[0].blocks[0].text
+    assert "2 value(s) were NaN or infinite" in text and "plugins.bic.alpha[1]" in text
