@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cl_ext import registry
 from cl_ext.errors import RecipeError
@@ -120,9 +120,17 @@ class OutputConfig(_Strict):
         0, ge=0, description="also save a checkpoint every N epochs inside an experience (0: only at its end)"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _inside_dir(cls, name: str | None) -> str | None:
+        # The run folder is DIR/NAME-...: a separator or ".." would put it outside output.dir.
+        if name is not None and (not name.strip() or Path(name).name != name or name in {".", ".."} or "\\" in name):
+            raise ValueError(f"must be a plain name (no '/', '\\' or '..'), got {name!r}")
+        return name
+
 
 class Recipe(_Strict):
-    seed: int = 0
+    seed: int = Field(0, strict=True, description="seeds every random draw of the run")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     benchmark: Component
     model: Component
@@ -218,13 +226,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last one silently, so a recipe could say ``epochs: 70`` and run something else."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if data is None:

@@ -19,6 +19,7 @@ from avalanche.logging import BaseLogger, InteractiveLogger, TextLogger
 
 from cl_ext.config import recipe_to_dict
 from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
 from cl_ext.metrics import IncrementalAccuracy
 from cl_ext.randomness import isolated
 from cl_ext.registry import register
@@ -59,6 +60,8 @@ class RunDirTextLogger(TextLogger):
 @register("logger", "text")
 def build_text_logger(ctx: BuildContext, filename: str = "avalanche_log.txt") -> TextLogger:
     """Avalanche's text log of every metric value, written into the run directory."""
+    if Path(filename).name != filename or filename in {"", ".", ".."}:
+        raise RecipeError(f"evaluation.loggers: text: filename must be a file name inside the run folder, got {filename!r}")
     return RunDirTextLogger(_RunDirFile(ctx, filename))
 
 

@@ -30,6 +30,9 @@ def test_defaults_are_filled_and_name_comes_from_file(tmp_path, tiny_recipe_data
         (lambda d: d["strategy"]["memory"].update(per_class=5), "give exactly one of memory.size"),
         (lambda d: d["strategy"]["optimizer"].update(lr=-1), "strategy.optimizer.lr: Input should be greater than 0"),
         (lambda d: d.update(evaluation={"metrics": ["acc"]}), "evaluation.metrics[0].name: unknown metric 'acc'"),
+        (lambda d: d.update(seed=True), "seed: Input should be a valid integer"),
+        (lambda d: d["output"].update(name="../../x"), "output.name: Value error, must be a plain name"),
+        (lambda d: d["output"].update(name="a/b"), "output.name: Value error, must be a plain name"),
     ],
 )
 def test_invalid_recipes_name_file_and_key(tmp_path, tiny_recipe_data, mutate, expected):
@@ -48,6 +51,21 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(RecipeError, match="must be a mapping"):
         load_recipe(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(RecipeError, match="not a UTF-8 text file"):
+        path = tmp_path / "latin1.yaml"
+        path.write_bytes("seed: 0 # caf\xe9\n".encode("latin-1"))
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, tiny_recipe_data):
+    text = yaml.safe_dump(tiny_recipe_data, sort_keys=False) + "seed: 3\n"
+    with pytest.raises(RecipeError, match=r"key 'seed' appears twice in one mapping \(first on line 1\)"):
+        load_recipe(write(tmp_path, text))
+    nested = "strategy:\n  epochs: 70\n  epochs: 2\n"
+    with pytest.raises(RecipeError, match=r"key 'epochs' appears twice .*line 2.*\n.*line 3"):
+        load_recipe(write(tmp_path, nested))
 
 
 def test_overrides_parse_yaml_values_and_revalidate(tmp_path, tiny_recipe_data):
@@ -86,3 +104,11 @@ def test_shipped_recipes_validate():
     assert recipes
     for path in recipes:
         validate_recipe(yaml.safe_load(path.read_text()), str(path))
+
+
+@pytest.mark.parametrize("filename", ["../../x.txt", "sub/log.txt", ".."])
+def test_text_logger_writes_only_inside_the_run_folder(digits_ctx, filename):
+    from cl_ext import registry
+
+    with pytest.raises(RecipeError, match="filename must be a file name inside the run folder"):
+        registry.build("logger", "text", digits_ctx, {"filename": filename})
