@@ -249,7 +249,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        with path.open(encoding="utf-8") as stream:  # a stream, so YAML's messages name the file
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     except RecursionError:
