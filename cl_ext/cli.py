@@ -130,7 +130,10 @@ def run(
               "--debug shows the traceback.", debug)
     parsed = experiment.recipe
     info = experiment.ctx.info
-    run_dir = resume if resume is not None else new_run_dir(parsed)
+    try:
+        run_dir = resume if resume is not None else new_run_dir(parsed)
+    except (CLExtError, OSError) as err:  # e.g. output.dir names a file, or a folder we may not write
+        _fail(f"{source}: {err}")
     log = RunLog(run_dir / "run.log", echo=not console.is_terminal)
     sizes = info.classes_per_exp
     log.line(

@@ -237,6 +237,13 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
         TensorDataPlugin(required=recipe.strategy.data_path == "tensor")
     ]
     memory_config = recipe.strategy.memory
+    n_classes = ctx.benchmark.info.n_classes
+    if memory_config is not None and memory_config.size is not None and memory_config.size < n_classes:
+        # Found here, not at the step that first overflows it, after hours of training.
+        raise RecipeError(
+            f"strategy.memory.size: {memory_config.size} exemplars cannot keep one per class of the {n_classes} "
+            f"classes of {ctx.benchmark.info.name}; give at least {n_classes} (or memory.per_class)"
+        )
     if memory_config is not None and not owns_memory:
         ctx.memory = ExemplarMemory(
             size=memory_config.size,
@@ -365,6 +372,8 @@ def environment_info(device: torch.device, seed: int) -> dict[str, Any]:
 def new_run_dir(recipe: Recipe) -> Path:
     """Create ``output.dir/NAME-seedS-TIMESTAMP`` (``-2``, ``-3``, ... when taken); safe against concurrent starts."""
     parent = Path(recipe.output.dir)
+    if parent.exists() and not parent.is_dir():
+        raise RecipeError(f"output.dir: {parent} is a file, not a folder; choose another output.dir")
     parent.mkdir(parents=True, exist_ok=True)
     base = f"{recipe.output.name or 'run'}-seed{recipe.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     for n in itertools.count(1):

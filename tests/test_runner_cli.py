@@ -98,3 +98,18 @@ def test_cli_run_prints_table_and_help_teaches(tmp_path, tiny_recipe_data):
 def test_checkout_entry_point_runs_the_same_cli():
     out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "validate" in out.stdout and "run" in out.stdout
+
+
+def test_cli_refuses_a_too_small_memory_and_a_file_as_output_dir_before_any_run_folder(tmp_path, tiny_recipe_data):
+    path = tmp_path / "r.yaml"
+    tiny_recipe_data["output"]["dir"] = str(tmp_path / "runs")
+    tiny_recipe_data["strategy"]["memory"] = {"size": 4}
+    path.write_text(yaml.safe_dump(tiny_recipe_data))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "strategy.memory.size: 4 exemplars cannot keep one per class of the 10 classes" in flat(result.output)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "strategy.memory.size=40",
+                                      "--set", f"output.dir={tmp_path / 'afile'}"])
+    assert result.exit_code == 1 and "is a file, not a folder" in flat(result.output)
