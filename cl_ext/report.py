@@ -288,6 +288,32 @@ def figure_accuracy_curves(runs: Sequence[RunData], title: str) -> MplFigure:
     return fig
 
 
+def rising_losses(train_loss: Sequence[Sequence[float]]) -> list[int]:
+    """Experiences (0-based) whose last epoch ended with a higher mean training loss than their
+    first: within an experience the loss should fall, so a rise means too high a learning rate or a
+    loss term that fights the classification loss."""
+    return [t for t, epochs in enumerate(train_loss) if len(epochs) > 1 and epochs[-1] > epochs[0]]
+
+
+def figure_training_loss(run: RunData) -> MplFigure:
+    """Mean training loss per epoch, the experiences one after another (log scale)."""
+    fig, ax = _new_figure(6.4, 3.2)
+    start, rising = 0, set(rising_losses(run.metrics["train_loss"]))
+    for t, epochs in enumerate(run.metrics["train_loss"]):
+        x = np.arange(start + 1, start + len(epochs) + 1)
+        ax.plot(x, epochs, marker="." if len(epochs) < 40 else None, color="C3" if t in rising else "C0")
+        if t:
+            ax.axvline(start + 0.5, color="grey", lw=0.6, ls=":")
+        start += len(epochs)
+    if any(v > 0 for e in run.metrics["train_loss"] for v in e):
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch (experiences one after another; dotted: a new experience)")
+    ax.set_ylabel("mean training loss")
+    ax.set_title(f"{run.label}: training loss" + (" (red: the loss rose over the experience)" if rising else ""))
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def figure_accuracy_matrix(run: RunData) -> MplFigure:
     """Heatmap of accuracy on each test experience (columns) after each training step (rows)."""
     matrix = run.metrics["accuracy_matrix"][: run.n_steps]
@@ -509,6 +535,10 @@ def run_sections(run: RunData, key: str, level: int = 2) -> list[Section]:
     if not m.get("finished", True):
         lines.append(f"The run stopped after {m.get('completed_experiences')} of {m.get('n_experiences')} "
                      "experiences: the numbers cover the finished ones.")
+    rising = rising_losses(m.get("train_loss") or [])
+    if rising:
+        lines.append("Warning: the training loss rose over experience(s) "
+                     f"{', '.join(str(t + 1) for t in rising)} (last epoch above the first): see the loss curve.")
     if m.get("non_finite"):
         shown = ", ".join(m["non_finite"][:6]) + (", ..." if len(m["non_finite"]) > 6 else "")
         lines.append(f"Warning: {len(m['non_finite'])} value(s) were NaN or infinite and are left blank "
@@ -530,6 +560,10 @@ def run_sections(run: RunData, key: str, level: int = 2) -> list[Section]:
                 _line_panel("share of predictions in the newest classes", [f"{CNN_PREFIX}/new_prediction_share"],
                             "share (fraction)")],
     ))
+    if any(m.get("train_loss") or []):
+        blocks.append(Figure(f"{key}-loss", f"{run.label}: training loss", partial(figure_training_loss, run),
+                             caption="Mean loss over each epoch's batches (the loss the optimizer saw, "
+                                     "plugins' terms included)."))
     blocks.append(steps_table(run))
     sections = [Section(run.label, f"{key}", blocks, [run], level)]
     for name, summary in (m.get("plugins") or {}).items():

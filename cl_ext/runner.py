@@ -106,14 +106,18 @@ class StatelessPlugin(SupervisedPlugin):
         pass
 
 
-class ProgressPlugin(StatelessPlugin):
-    """Reports training progress: each iteration (done, total) and each epoch (mean loss, images/s)."""
+class ProgressPlugin(SupervisedPlugin):
+    """Reports training progress: each iteration (done, total) and each epoch (mean loss, images/s).
+
+    Keeps each epoch's mean loss per experience (``epoch_losses``, ``metrics.json["train_loss"]``)
+    so that the report can draw the loss curve; that list is its state in a checkpoint."""
 
     def __init__(self, n_experiences: int):
         super().__init__()
         self.n_experiences = n_experiences
         self.on_iteration: Callable[[int, int, int], None] | None = None
         self.on_epoch: Callable[[EpochReport], None] | None = None
+        self.epoch_losses: list[list[float]] = []
         self._done = self._total = self._seen = 0
         self._losses: list[tuple[torch.Tensor, int]] = []
         self._start = 0.0
@@ -135,15 +139,25 @@ class ProgressPlugin(StatelessPlugin):
             self.on_iteration(strategy.experience.current_experience, self._done, self._total)
 
     def after_training_epoch(self, strategy, **kwargs):
-        if self.on_epoch is None or not self._seen:
+        if not self._seen:
             return
         seconds = time.perf_counter() - self._start
-        self.on_epoch(EpochReport(
-            experience=strategy.experience.current_experience, n_experiences=self.n_experiences,
-            # Avalanche's clock comes after this plugin: it has not counted this epoch yet.
-            epoch=strategy.clock.train_exp_epochs + 1, epochs=strategy.train_epochs,
-            loss=self._mean_loss(), images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
-        ))
+        experience, loss = strategy.experience.current_experience, self._mean_loss()
+        self.epoch_losses.extend([] for _ in range(experience + 1 - len(self.epoch_losses)))
+        self.epoch_losses[experience].append(loss)
+        if self.on_epoch is not None:
+            self.on_epoch(EpochReport(
+                experience=experience, n_experiences=self.n_experiences,
+                # Avalanche's clock comes after this plugin: it has not counted this epoch yet.
+                epoch=strategy.clock.train_exp_epochs + 1, epochs=strategy.train_epochs,
+                loss=loss, images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
+            ))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_losses": [list(e) for e in self.epoch_losses]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch_losses = [list(e) for e in state.get("epoch_losses", [])]  # absent before the loss curve
 
     def _mean_loss(self) -> float:
         losses = torch.cat([loss.reshape(-1) for loss, _ in self._losses])
@@ -414,6 +428,7 @@ def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) ->
         out["plugins"] = summaries
     if exp.guard.skipped:
         out["skipped_batches"] = list(exp.guard.skipped)
+    out["train_loss"] = [list(e) for e in exp.progress.epoch_losses]
     return out
 
 

@@ -121,6 +121,25 @@ def test_skip_mode_skips_nonfinite_batches_without_touching_weights(tmp_path, ti
     assert len(exp.guard.skipped) == exp.strategy.clock.train_exp_iterations > 0
 
 
+def test_each_epochs_sample_weighted_mean_loss_is_recorded_and_saved(tiny_recipe_data):
+    tiny_recipe_data["strategy"].update(epochs=2, batch_size=48)
+    exp = build_experiment(validate_recipe(tiny_recipe_data))
+    original, batches = exp.strategy.criterion, []
+
+    def numbered():  # the k-th batch's loss is k
+        batches.append(len(exp.strategy.mb_y))
+        return original() * 0 + float(len(batches))
+
+    exp.strategy.criterion = numbered
+    exp.strategy.train(exp.ctx.benchmark.benchmark.train_stream[0])
+    n = len(batches) // 2
+    assert n >= 3 and len(batches) == 2 * n and batches[n - 1] < 48  # a short last batch weighs less
+    expected = [sum(k * batches[k - 1] for k in range(e * n + 1, e * n + n + 1)) / sum(batches[e * n: e * n + n])
+                for e in range(2)]
+    assert exp.progress.epoch_losses == [pytest.approx(expected, rel=1e-6)]
+    assert exp.progress.state_dict() == {"epoch_losses": exp.progress.epoch_losses}
+
+
 def test_cli_debug_and_bugs_at_build_time(tmp_path, tiny_recipe_data, monkeypatch):
     tiny_recipe_data["output"]["dir"] = str(tmp_path / "runs")
     path = tmp_path / "r.yaml"

@@ -259,3 +259,14 @@ def test_metrics_json_is_strict_and_lists_what_was_not_finite(tmp_path):
     run = make_run(tmp_path, "diverged", non_finite=parsed["non_finite"])
     text = rp.report_for_dirs([run]).sections[0].blocks[0].text
     assert "2 value(s) were NaN or infinite" in text and "plugins.bic.alpha[1]" in text
+
+
+def test_the_loss_curve_is_drawn_and_a_rising_loss_flagged(tmp_path):
+    assert rp.rising_losses([[2.0, 1.0], [1.0, 0.9, 1.5], [3.0]]) == [1]
+    run = make_run(tmp_path, "rising", train_loss=[[2.0, 1.0], [1.0, 0.9, 1.5], [0.8, 0.7]])
+    blocks = rp.report_for_dirs([run]).sections[0].blocks
+    assert "the training loss rose over experience(s) 2 (last epoch above the first)" in blocks[0].text
+    loss = [b for b in blocks if isinstance(b, rp.Figure) and b.name.endswith("-loss")]
+    assert len(loss) == 1 and loss[0].png.startswith(b"\x89PNG")
+    calm = make_run(tmp_path, "calm", train_loss=[[2.0, 1.0]])
+    assert "rose" not in rp.report_for_dirs([calm]).sections[0].blocks[0].text
