@@ -18,7 +18,8 @@ from cl_ext.errors import RecipeError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent conversions (``batch_size: true`` would otherwise be 1, ``seed: "3"`` 3).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class Component(_Strict):
@@ -42,6 +43,15 @@ class LRScheduleConfig(_Strict):
     name: Literal["constant", "multistep", "cosine"] = "constant"
     milestones: list[int] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _milestones(self) -> "LRScheduleConfig":
+        # Milestones on another schedule would be ignored without a word.
+        if self.milestones and self.name != "multistep":
+            raise ValueError(f"milestones apply to the multistep schedule only, not to {self.name!r}")
+        if any(m < 1 for m in self.milestones) or self.milestones != sorted(set(self.milestones)):
+            raise ValueError(f"milestones must be increasing epochs >= 1, got {self.milestones}")
+        return self
 
 
 class MemoryConfig(_Strict):
@@ -130,7 +140,7 @@ class OutputConfig(_Strict):
 
 
 class Recipe(_Strict):
-    seed: int = Field(0, strict=True, description="seeds every random draw of the run")
+    seed: int = Field(0, description="seeds every random draw of the run")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     benchmark: Component
     model: Component
@@ -164,7 +174,7 @@ def _check_registered(recipe: Recipe, source: str) -> None:
         except KeyError as err:
             raise RecipeError(f"{source}: {path}.name: {err.args[0]}") from None
         try:
-            entry.options_model.model_validate(component.options)
+            validated = entry.options_model.model_validate(component.options)
         except ValidationError as err:
             first = err.errors()[0]
             key = _format_loc(first["loc"])
@@ -172,6 +182,13 @@ def _check_registered(recipe: Recipe, source: str) -> None:
                 f"{source}: {path}.options.{key}: {first['msg']} "
                 f"({kind} {component.name!r} takes: {', '.join(entry.options_model.model_fields) or 'no options'})"
             ) from None
+        # Every option with its value, defaults included: the saved recipe.yaml and `validate` then
+        # say what ran, and a run can be repeated after a default changes.
+        resolved = validated.model_dump(mode="json")
+        if path == "strategy":
+            recipe.strategy.options = resolved
+        elif kind != "metric":
+            component.options = resolved
 
 
 def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:

@@ -1,4 +1,5 @@
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,11 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not available")
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many cases the fuzzer (tests/test_fuzz.py) generated in this session, per category."""
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        line = ", ".join(f"{n} {category}" for category, n in sorted(fuzz.CASES.items()))
+        terminalreporter.write_line(f"fuzzer: {sum(fuzz.CASES.values())} generated cases ({line})")

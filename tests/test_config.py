@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from cl_ext.config import apply_overrides, load_recipe, validate_recipe
 from cl_ext.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, data, name="r.yaml"):
@@ -112,3 +116,22 @@ def test_text_logger_writes_only_inside_the_run_folder(digits_ctx, filename):
 
     with pytest.raises(RecipeError, match="filename must be a file name inside the run folder"):
         registry.build("logger", "text", digits_ctx, {"filename": filename})
+
+
+def test_resolved_recipes_hold_every_option_and_load_back_unchanged(tmp_path):
+    from cl_ext import registry
+    from cl_ext.config import recipe_to_dict
+
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        resolved = recipe_to_dict(load_recipe(path))
+        parts = [("benchmark", resolved["benchmark"]), ("model", resolved["model"]),
+                 ("strategy", {"name": resolved["strategy"]["name"], "options": resolved["strategy"]["options"]})]
+        parts += [("plugin", p) for p in resolved["plugins"]] + [("logger", lg) for lg in resolved["evaluation"]["loggers"]]
+        for kind, part in parts:
+            fields = registry.get(kind, part["name"]).options_model.model_fields
+            assert set(part["options"]) == set(fields), (path.name, kind, part["name"])
+        again = tmp_path / path.name
+        again.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        assert recipe_to_dict(load_recipe(again)) == resolved, path.name
+    quickstart = recipe_to_dict(load_recipe(ROOT / "recipes" / "quickstart.yaml"))
+    assert quickstart["benchmark"]["options"]["test_fraction"] == 0.3  # digits' default, not in the file
