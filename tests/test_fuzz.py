@@ -164,23 +164,47 @@ def test_malformed_recipes_and_overrides_are_refused_with_one_message(tmp_path_f
     _assert_refused(CliRunner().invoke(app, args), folder / "runs", "fuzzed.yaml")
 
 
+SPOILS = ["x dtype", "y dtype", "channels first", "flat images", "test size", "NaN", "0..255 floats",
+          "label shift", "fewer labels", "more labels", "no images", "missing array"]
+
+
 def _arrays(draw) -> dict[str, np.ndarray]:
-    """Arrays near a valid benchmark, with any of their properties drawn wrong (or not)."""
-    n_classes = draw(st.integers(1, 5))
-    size = draw(st.sampled_from([4, 6]))
+    """A valid small benchmark with none, one or two of its properties drawn wrong."""
+    n_classes, size = draw(st.integers(1, 4)), draw(st.sampled_from([4, 6]))
+    rng = np.random.RandomState(n_classes)
     out = {}
-    for split, n in (("train", draw(st.integers(0, 12))), ("test", draw(st.integers(0, 6)))):
-        shape = draw(st.sampled_from([(n, size, size), (n, size, size, 3), (n, 3, size, size), (n, size),
-                                      (n, size, size + draw(st.integers(0, 1)))]))
-        dtype = draw(st.sampled_from([np.uint8, np.float32, np.float64, np.int16, np.bool_]))
-        scale = draw(st.sampled_from([1.0, 255.0]))
-        x = (np.random.RandomState(n).rand(*shape) * scale).astype(dtype)
-        if draw(st.booleans()) and x.size and np.issubdtype(dtype, np.floating):
-            x.flat[0] = draw(st.sampled_from([np.nan, np.inf, -1.0]))
-        labels = np.arange(n) % n_classes + draw(st.integers(-1, 1)) * draw(st.booleans())
-        n_labels = n + draw(st.sampled_from([0, 0, 0, -1, 1]))
-        y = np.resize(labels, max(n_labels, 0)).astype(draw(st.sampled_from([np.int64, np.uint8, np.float64])))
-        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    for split, per_class in (("train", 3), ("test", 2)):
+        n = n_classes * per_class
+        out[f"x_{split}"] = rng.randint(0, 256, (n, size, size, 3), dtype=np.uint8)
+        out[f"y_{split}"] = np.arange(n) % n_classes
+    spoils = draw(st.lists(st.sampled_from(SPOILS), max_size=2, unique=True))
+    for spoil in sorted(spoils, key=lambda name: name == "missing array"):  # deleting last
+        split = draw(st.sampled_from(["train", "test"]))
+        x, y = f"x_{split}", f"y_{split}"
+        if spoil == "x dtype":
+            out[x] = out[x].astype(draw(st.sampled_from([np.int16, np.int64, np.bool_, np.float16])))
+        elif spoil == "y dtype":
+            out[y] = out[y].astype(draw(st.sampled_from([np.float64, np.bool_, np.float32]))) + 0.5
+        elif spoil == "channels first":
+            out[x] = out[x].transpose(0, 3, 1, 2)
+        elif spoil == "flat images":
+            out[x] = out[x].reshape(len(out[x]), -1)
+        elif spoil == "test size":
+            out["x_test"] = out["x_test"][:, :-1]
+        elif spoil in ("NaN", "0..255 floats"):
+            out[x] = out[x].astype(np.float32) / (1 if spoil == "0..255 floats" else 255)
+            if spoil == "NaN":
+                out[x].flat[draw(st.integers(0, out[x].size - 1))] = draw(st.sampled_from([np.nan, np.inf]))
+        elif spoil == "label shift":
+            out[y] = out[y] + draw(st.sampled_from([-1, 1, n_classes]))
+        elif spoil == "fewer labels":
+            out[y] = out[y][:-1]
+        elif spoil == "more labels":
+            out[y] = np.append(out[y], 0)
+        elif spoil == "no images":
+            out[x], out[y] = out[x][:0], out[y][:0]
+        else:
+            del out[draw(st.sampled_from(sorted(out)))]
     return out
 
 
@@ -192,10 +216,7 @@ def test_any_npz_either_builds_or_is_refused_with_a_cl_ext_error(tmp_path_factor
     if data.draw(st.integers(0, 9)) == 0:
         path.write_bytes(data.draw(st.binary(max_size=300)))
     else:
-        arrays = _arrays(data.draw)
-        for key in data.draw(st.lists(st.sampled_from(sorted(arrays)), max_size=1)):
-            del arrays[key]
-        np.savez(path, **arrays)
+        np.savez(path, **_arrays(data.draw))
     ctx = BuildContext(recipe=validate_recipe(copy.deepcopy(TINY_RECIPE)), device=torch.device("cpu"))
     try:
         registry.build("benchmark", "npz", ctx, {"path": str(path), "classes_per_exp": 1})
