@@ -24,7 +24,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 PATH = Path(__file__).with_name("catalog.json")
 COMMAND = "python3 -m cl_ext.catalog"
@@ -51,14 +51,36 @@ def read() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _fields(options: dict[str, dict[str, str]]) -> Fields:
-    return {
-        name: (
-            eval(spec["type"], {"__builtins__": {}}, _NAMES),  # the package's own file, written by text()
-            ast.literal_eval(spec["default"]) if "default" in spec else ...,
-        )
-        for name, spec in options.items()
-    }
+def _fields(options: dict[str, dict[str, Any]]) -> Fields:
+    fields: Fields = {}
+    for name, spec in options.items():
+        tp = eval(spec["type"], {"__builtins__": {}}, _NAMES)  # the package's own file, written by text()
+        if "range" in spec or "description" in spec:
+            from pydantic import Field  # only here: listing names must not wait for pydantic
+
+            tp = Annotated[tp, Field(description=spec.get("description"), **spec.get("range", {}))]
+        fields[name] = (tp, ast.literal_eval(spec["default"]) if "default" in spec else ...)
+    return fields
+
+
+_BOUNDS = ("gt", "ge", "lt", "le")
+
+
+def option_spec(tp: Any, default: Any) -> dict[str, Any]:
+    """One option as the catalog writes it: its type expression, its default's ``repr``, and, for
+    ``Annotated[T, Field(...)]``, the description and the bounds (``gt``, ``ge``, ``lt``, ``le``)."""
+    spec: dict[str, Any] = {}
+    if typing.get_origin(tp) is Annotated:
+        tp, *extras = typing.get_args(tp)
+        for info in extras:
+            if getattr(info, "description", None):
+                spec["description"] = info.description
+            for bound in getattr(info, "metadata", []):
+                found = {k: getattr(bound, k) for k in _BOUNDS if hasattr(bound, k)}
+                if not found:
+                    raise TypeError(f"only the bounds {', '.join(_BOUNDS)} can be written, not {bound!r}")
+                spec.setdefault("range", {}).update(found)
+    return {"type": type_expr(tp)} | ({} if default is ... else {"default": repr(default)}) | spec
 
 
 def type_expr(tp: Any) -> str:
@@ -94,10 +116,10 @@ def text() -> str:
             options = {}
             for option, (tp, default) in entry.fields.items():
                 try:
-                    options[option] = {"type": type_expr(tp)} | ({} if default is ... else {"default": repr(default)})
+                    options[option] = option_spec(tp, default)
                 except TypeError as err:
                     raise TypeError(f"{where}: option {option!r}: {err}") from None
-            if _fields(options) != entry.fields:
+            if {k: option_spec(*v) for k, v in _fields(options).items()} != options:
                 raise ValueError(f"{where}: options do not survive the catalog: {entry.fields} -> {options}")
             entries[kind].append(
                 {"name": entry.name, "aliases": list(entry.aliases), "module": entry.module,

@@ -16,9 +16,10 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from cl_ext import registry
+from cl_ext import catalog, registry
 from cl_ext.config import load_recipe, recipe_to_dict
 from cl_ext.errors import CLExtError
 from cl_ext.progress import listening
@@ -393,8 +394,18 @@ def sync(
 
 
 @app.command("list")
-def list_components() -> None:
-    """List the registered benchmarks, models, strategies, plugins, metrics and loggers with their options."""
+def list_components(
+    name: Optional[str] = typer.Argument(
+        None, help="a registered name (e.g. ucir, split_cifar100): its options with type, default, range and meaning"
+    ),
+) -> None:
+    """List the registered benchmarks, models, strategies, plugins, metrics and loggers with their options.
+
+    Example: cl-ext list ucir
+    """
+    if name is not None:
+        _list_options(name)
+        return
     for kind in registry.KINDS:
         table = Table(title=f"{kind}s", title_justify="left", show_lines=False)
         table.add_column("name", style="bold")
@@ -406,6 +417,26 @@ def list_components() -> None:
             options = ", ".join(f"{k}={defaults[k]!r}" if k in defaults else f"{k} (required)" for k in entry.fields)
             table.add_row(label, entry.summary, options or "-")
         console.print(table)
+
+
+def _list_options(name: str) -> None:
+    entries = [e for kind in registry.KINDS for e in registry.entries(kind) if name in (e.name, *e.aliases)]
+    if not entries:
+        _fail(f"nothing is registered as {name!r}; cl-ext list shows every name")
+    for entry in entries:
+        table = Table(title=f"{entry.kind} {entry.name}: {entry.summary}", title_justify="left")
+        for column in ("option", "type", "default", "range", "meaning"):
+            table.add_column(column, style="bold" if column == "option" else None)
+        for option, (tp, default) in entry.fields.items():
+            spec = catalog.option_spec(tp, default)
+            bounds = spec.get("range", {})
+            shown = " and ".join(f"{SYMBOLS[k]} {v}" for k, v in bounds.items()) or "-"
+            cells = (option, spec["type"], spec.get("default", "(required)"), shown, spec.get("description", "-"))
+            table.add_row(*map(escape, cells))  # "list[int]" is text, not a rich style tag
+        console.print(table)
+
+
+SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 def main() -> None:

@@ -74,3 +74,25 @@ def test_builders_registered_at_run_time_join_the_catalog(own_registry):
     assert registry.build("plugin", "mine", "ctx", {"strength": 2}) == ("ctx", 2.0, None)
     with pytest.raises(ValueError, match="'bic' is already registered"):
         registry.register("plugin", "bic")(build_mine)
+
+
+def test_option_bounds_and_descriptions_survive_the_catalog_and_show_in_list():
+    from typing import Annotated
+
+    from pydantic import Field
+    from typer.testing import CliRunner
+
+    from cl_ext.cli import app
+
+    tp = Annotated[float, Field(gt=0, lt=1, description="share held out")]
+    spec = catalog.option_spec(tp, 0.3)
+    assert spec == {"type": "float", "default": "0.3", "description": "share held out", "range": {"gt": 0, "lt": 1}}
+    (back, default), = catalog._fields({"x": spec}).values()
+    assert catalog.option_spec(back, default) == spec
+    with pytest.raises(TypeError, match="only the bounds"):
+        catalog.option_spec(Annotated[str, Field(pattern="a+")], "a")
+    digits = registry.get("benchmark", "digits")
+    with pytest.raises(Exception, match="less than 1"):
+        digits.options_model.model_validate({"test_fraction": 1.5})
+    output = " ".join(CliRunner().invoke(app, ["list", "digits"], env={"COLUMNS": "250"}).output.split())
+    assert "test_fraction │ float │ 0.3 │ > 0 and < 1 │ share of each class held out as the test set" in output

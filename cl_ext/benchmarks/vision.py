@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
+
 from cl_ext.benchmarks.common import ArrayDataset, cap_per_class, class_incremental, images_to_tensor
 from cl_ext.context import BenchmarkBundle, BuildContext
 from cl_ext.data import ImagePipeline
 from cl_ext.errors import DataError, DataNotFoundError, RecipeError
 from cl_ext.registry import register
 
-ClassOrder = Literal["seed", "fixed"] | list[int]
+ClassOrder = Annotated[
+    Literal["seed", "fixed"] | list[int],
+    Field(description="order in which classes are learned: 'seed' (a permutation drawn from class_order_seed, "
+          "as iCaRL/LUCIR), 'fixed' (0..C-1) or an explicit list"),
+]
+FirstClasses = Annotated[int | None, Field(ge=1, description="classes of the first experience (null: classes_per_exp)")]
+ClassesPerExp = Annotated[int, Field(ge=1, description="classes each later experience brings")]
+OrderSeed = Annotated[int | None, Field(description="seed of the class order (null: the recipe's seed; 1993: iCaRL/LUCIR's CIFAR-100 order)")]
+PerClass = Annotated[int | None, Field(ge=1, description="keep at most this many training images per class, a seeded draw (null: all)")]
+Root = Annotated[str, Field(description="folder holding the dataset's .npz, or torchvision's files")]
+Download = Annotated[bool, Field(description="let torchvision download the dataset when it is not under root")]
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -149,11 +161,11 @@ def _arrays_bundle(
 @register("benchmark", "digits")
 def build_digits(
     ctx: BuildContext,
-    first_exp_classes: int | None = None,
-    classes_per_exp: int = 2,
+    first_exp_classes: FirstClasses = None,
+    classes_per_exp: ClassesPerExp = 2,
     class_order: ClassOrder = "seed",
-    class_order_seed: int | None = None,
-    test_fraction: float = 0.3,
+    class_order_seed: OrderSeed = None,
+    test_fraction: Annotated[float, Field(gt=0, lt=1, description="share of each class held out as the test set")] = 0.3,
 ) -> BenchmarkBundle:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); embedded, works offline."""
     from sklearn.datasets import load_digits
@@ -188,13 +200,13 @@ def build_digits(
 @register("benchmark", "npz")
 def build_npz(
     ctx: BuildContext,
-    path: str,
-    first_exp_classes: int | None = None,
-    classes_per_exp: int = 2,
+    path: Annotated[str, Field(description=".npz file with x_train, y_train, x_test, y_test (uint8 images, labels 0..C-1)")],
+    first_exp_classes: FirstClasses = None,
+    classes_per_exp: ClassesPerExp = 2,
     class_order: ClassOrder = "seed",
-    class_order_seed: int | None = None,
-    augment: Literal["none", "cifar"] = "none",
-    train_per_class: int | None = None,
+    class_order_seed: OrderSeed = None,
+    augment: Annotated[Literal["none", "cifar"], Field(description="cifar: pad by 4, random crop back, random mirror")] = "none",
+    train_per_class: PerClass = None,
 ) -> BenchmarkBundle:
     """Any .npz with x_train, y_train, x_test, y_test (uint8 images); normalised with its own statistics."""
     data = load_npz(Path(path).expanduser(), "benchmark.options.path")
@@ -233,13 +245,13 @@ def torchvision_arrays(dataset_cls, root: Path, download: bool, what: str, npz_n
 def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
     def build(
         ctx: BuildContext,
-        root: str = "data",
-        download: bool = False,
-        first_exp_classes: int | None = None,
-        classes_per_exp: int = 2,
+        root: Root = "data",
+        download: Download = False,
+        first_exp_classes: FirstClasses = None,
+        classes_per_exp: ClassesPerExp = 2,
         class_order: ClassOrder = "seed",
-        class_order_seed: int | None = None,
-        train_per_class: int | None = None,
+        class_order_seed: OrderSeed = None,
+        train_per_class: PerClass = None,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
         return _arrays_bundle(

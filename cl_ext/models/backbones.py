@@ -9,12 +9,15 @@ benchmark, so swapping the data is one recipe override.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
+from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
+from cl_ext.errors import RecipeError
 from cl_ext.registry import register
 
 
@@ -144,11 +147,19 @@ def _channels(ctx: BuildContext) -> int:
     return shape[0]
 
 
+LastReLU = Annotated[bool, Field(description="ReLU after the last block; UCIR removes it (false) so that features and cosines can be negative")]
+
+
 @register("model", "mlp")
 def build_mlp(
-    ctx: BuildContext, hidden: list[int] = [256, 256], dropout: float = 0.0, multihead: bool = False
+    ctx: BuildContext,
+    hidden: Annotated[list[int], Field(description="width of each hidden layer (at least one, each >= 1)")] = [256, 256],
+    dropout: Annotated[float, Field(ge=0, lt=1, description="dropout probability after each hidden layer")] = 0.0,
+    multihead: Annotated[bool, Field(description="a head per task label (task-incremental benchmarks such as permuted_mnist)")] = False,
 ) -> IncrementalNet:
     """Multi-layer perceptron on flattened inputs (any benchmark); multihead: a head per task label."""
+    if not hidden or min(hidden) < 1:
+        raise RecipeError(f"model.options.hidden: give at least one layer, each of width >= 1, got {list(hidden)}")
     backbone = MLP(math.prod(ctx.info.input_shape), list(hidden), dropout)
     if multihead:
         head = MultiHeadClassifier(backbone.out_features, initial_out_features=ctx.info.initial_classes)
@@ -157,14 +168,18 @@ def build_mlp(
 
 
 @register("model", "resnet32")
-def build_resnet32(ctx: BuildContext, last_relu: bool = True) -> IncrementalNet:
+def build_resnet32(ctx: BuildContext, last_relu: LastReLU = True) -> IncrementalNet:
     """CIFAR ResNet-32 (3 stages x 5 blocks, 16/32/64 channels, 64-d features)."""
     backbone = ResNet([5, 5, 5], [16, 32, 64], _channels(ctx), small_input=True, last_relu=last_relu)
     return IncrementalNet(backbone, backbone.out_features, linear_head(backbone.out_features, ctx.info.initial_classes))
 
 
 @register("model", "resnet18")
-def build_resnet18(ctx: BuildContext, last_relu: bool = True, small_input: bool | None = None) -> IncrementalNet:
+def build_resnet18(
+    ctx: BuildContext,
+    last_relu: LastReLU = True,
+    small_input: Annotated[bool | None, Field(description="3x3 stem without max-pool (null: for inputs of 64 px or less)")] = None,
+) -> IncrementalNet:
     """ResNet-18 (512-d features); 3x3 stem without max-pool for inputs of 64 px or less."""
     if small_input is None:
         small_input = ctx.info.input_shape[-1] <= 64
