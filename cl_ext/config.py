@@ -7,6 +7,7 @@ misspelt plugin option fails here, not an hour into training.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,7 +211,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"override {text!r}: expected KEY=VALUE, e.g. strategy.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         raise RecipeError(f"override {text!r}: value is not valid YAML ({err})") from None
     return key.strip().split("."), value
@@ -244,8 +245,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
-    the last one silently, so a recipe could say ``epochs: 70`` and run something else."""
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so a recipe could say ``epochs: 70`` and run something else), and that
+    ``1e-3`` is a number, as in YAML 1.2 (PyYAML's 1.1 rules want ``1.0e-3``, and read ``1e-3`` as
+    a string, which strict validation would then refuse)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, yaml.Node] = {}
@@ -258,6 +261,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -135,3 +135,10 @@ def test_resolved_recipes_hold_every_option_and_load_back_unchanged(tmp_path):
         assert recipe_to_dict(load_recipe(again)) == resolved, path.name
     quickstart = recipe_to_dict(load_recipe(ROOT / "recipes" / "quickstart.yaml"))
     assert quickstart["benchmark"]["options"]["test_fraction"] == 0.3  # digits' default, not in the file
+
+
+def test_exponent_numbers_are_numbers_in_files_and_overrides(tmp_path, tiny_recipe_data):
+    text = yaml.safe_dump(tiny_recipe_data).replace("lr: 0.05", "lr: 5e-2")
+    assert "lr: 5e-2" in text
+    recipe = load_recipe(write(tmp_path, text), ["strategy.optimizer.weight_decay=1e-4"])
+    assert recipe.strategy.optimizer.lr == 0.05 and recipe.strategy.optimizer.weight_decay == 1e-4

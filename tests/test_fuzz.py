@@ -178,7 +178,8 @@ def _arrays(draw) -> dict[str, np.ndarray]:
         out[f"x_{split}"] = rng.randint(0, 256, (n, size, size, 3), dtype=np.uint8)
         out[f"y_{split}"] = np.arange(n) % n_classes
     spoils = draw(st.lists(st.sampled_from(SPOILS), max_size=2, unique=True))
-    for spoil in sorted(spoils, key=lambda name: name == "missing array"):  # deleting last
+    # Emptying and deleting last, so that the other defects have arrays to work on.
+    for spoil in sorted(spoils, key=lambda name: name in ("no images", "missing array")):
         split = draw(st.sampled_from(["train", "test"]))
         x, y = f"x_{split}", f"y_{split}"
         if spoil == "x dtype":
