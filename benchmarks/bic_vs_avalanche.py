@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -63,7 +64,8 @@ def recipe(args, method: str, seed: int):
             "train_per_class": args.train_per_class,
         }}
     ours = not method.startswith("avalanche")
-    plugins = {"bic": [{"name": "bic", "options": {"stage2_epochs": args.stage2_epochs}}],
+    bic_options = {"stage2_epochs": args.stage2_epochs, **dict(args.bic_option)}
+    plugins = {"bic": [{"name": "bic", "options": bic_options}],
                "il2m": [{"name": "il2m"}],
                "il2m_logits": [{"name": "il2m", "options": {"scores": "logits"}}]}.get(method, [])
     return validate_recipe({
@@ -274,6 +276,9 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stage2-epochs", type=int, default=200)
+    parser.add_argument("--bic-option", action="append", default=[], metavar="KEY=VALUE",
+                        type=lambda text: (text.split("=", 1)[0], yaml.safe_load(text.split("=", 1)[1])),
+                        help="another option of the bic plugin (repeatable; the value is read as YAML)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)

@@ -55,6 +55,7 @@ def main(epochs: int = 10, finetune_epochs: int = 20, seed: int = 0) -> dict:
     ucir = UCIRPlugin(
         memory,
         lambda_base=5.0,
+        cb_finetune=True,  # the class-balanced finetuning of the authors' ImageNet-Full run
         finetune=PhaseSchedule(epochs=finetune_epochs, lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=[10]),
         finetune_batch_size=32,
         seed=seed,

@@ -20,7 +20,11 @@ from cl_ext.plugins.bic import (
     distillation_loss,
     distillation_weight,
     fit_bias_correction,
+    no_lone_sample,
+    reference_stage2_lr,
+    shrunk_weight_decay,
     stage2_loss,
+    validation_logits,
 )
 from cl_ext.runner import build_experiment
 from cl_ext.training import PhaseSchedule
@@ -57,11 +61,14 @@ class Spy(SupervisedPlugin):
         self.bic = bic
         self.train_sizes, self.student_raw, self.teacher_layers = [], [], []
         self.eval_batches = []
+        self.weight_decays, self.phase_optimizers = {}, []
 
     def after_train_dataset_adaptation(self, strategy, **kwargs):
         self.train_sizes.append(len(strategy.adapted_dataset))
 
     def before_backward(self, strategy, **kwargs):
+        step = strategy.experience.current_experience
+        self.weight_decays.setdefault(step, [g["weight_decay"] for g in strategy.optimizer.param_groups])
         raw = raw_logits(strategy.model, strategy.mb_x)
         self.student_raw.append(torch.allclose(raw, strategy.mb_output))
         if self.bic.teacher is not None:
@@ -126,6 +133,86 @@ def test_fit_bias_correction_removes_a_known_bias():
     assert beta < -1.5 and losses[-1] < losses[0]
 
 
+def test_reference_code_learning_rate_and_weight_decay_by_hand():
+    # resnet.learning_rate_with_decay: 0.1 * batch / 256; imagenet_model_fn: 1e-4 * nb_groups / (itera + 1).
+    assert reference_stage2_lr(256) == pytest.approx(0.1)
+    assert reference_stage2_lr(32) == pytest.approx(0.0125)
+    assert [shrunk_weight_decay(1e-4, step, 10) for step in (0, 1, 4, 9)] == pytest.approx([1e-3, 5e-4, 2e-4, 1e-4])
+
+
+def test_no_lone_sample_batch_sizes():
+    assert no_lone_sample(64, 32) == 32
+    assert no_lone_sample(1057, 32) == 31  # 1057 = 33 * 32 + 1; 34 * 31 + 3
+    assert no_lone_sample(5, 8) == 5
+    assert no_lone_sample(7, 3) == 7  # 7 % 3 == 7 % 2 == 1: one batch
+
+
+class _Norm(nn.Module):
+    """Linear -> BatchNorm1d, outputs after the normalisation (no affine part, to compute by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.norm = nn.BatchNorm1d(2, affine=False)
+
+    def forward(self, x):
+        return self.norm(self.linear(x))
+
+
+def test_stage2_batch_norm_modes_by_hand():
+    torch.manual_seed(0)
+    model = _Norm()
+    model.norm.running_mean.fill_(0.5)
+    model.norm.running_var.fill_(2.0)
+    x = torch.randn(10, 3)
+    dataset = torch.utils.data.TensorDataset(x, torch.arange(10) % 2)
+    before = copy.deepcopy(model.norm.state_dict())
+    with torch.no_grad():
+        h = model.linear(x)
+    eval_logits, _ = validation_logits(model, dataset, "cpu", 4, "eval", tensor=False)
+    assert torch.allclose(eval_logits, (h - 0.5) / math.sqrt(2.0 + 1e-5), atol=1e-6)
+    # 10 samples in batches of 4 would leave 2; batches of 4, 4, 2 hold no lone sample, each
+    # normalised with its own mean and biased variance.
+    train_logits, _ = validation_logits(model, dataset, "cpu", 4, "train", tensor=False)
+    expected = torch.cat([
+        (b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + 1e-5) for b in h.split(4)
+    ])
+    assert torch.allclose(train_logits, expected, atol=1e-5)
+    assert not torch.allclose(train_logits, eval_logits, atol=1e-2)
+    # The running statistics the evaluation uses are untouched, and the flags are restored.
+    after = model.norm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and model.norm.training
+
+
+def _fake_strategy(model, optimizer, step: int, n_steps: int = 5):
+    from types import SimpleNamespace
+
+    stream = [None] * n_steps
+    experience = SimpleNamespace(
+        current_experience=step, origin_stream=stream, classes_in_this_experience=[2 * step, 2 * step + 1]
+    )
+    return SimpleNamespace(model=model, optimizer=optimizer, experience=experience)
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_stage1_weight_decay_per_step(shrink):
+    model = nn.Linear(3, 10)
+    optimizer = torch.optim.SGD([
+        {"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0},
+    ], lr=0.1, weight_decay=2e-4)
+    plugin = BiCPlugin(model, ExemplarMemory(size=50), shrink_weight_decay=shrink)
+    seen = []
+    for step in range(5):
+        plugin.before_training_exp(_fake_strategy(model, optimizer, step))
+        seen += [group["weight_decay"] for group in optimizer.param_groups]
+        plugin.teacher, plugin.n_seen = None, 2 * (step + 1)
+    if shrink:  # 2e-4 * 5 / (step + 1): from the original value at every step, not the last one
+        assert seen == pytest.approx([1e-3, 0.0, 5e-4, 0.0, 2e-4 * 5 / 3, 0.0, 2.5e-4, 0.0, 2e-4, 0.0])
+    else:
+        assert seen == [2e-4, 0.0] * 5
+
+
 def test_bias_layer_is_not_in_the_model_state_dict():
     model = nn.Linear(3, 4)
     BiCPlugin(model, ExemplarMemory(size=20))
@@ -186,18 +273,26 @@ def test_memory_without_holdout_is_unchanged_and_loads_old_states():
 @pytest.fixture(scope="module")
 def bic_run():
     """Three digits steps of replay + BiC with spies; records the weights used in stage 1."""
-    exp = build_experiment(digits_recipe([{"name": "bic", "options": {"stage2_epochs": 30}}]))
+    exp = build_experiment(digits_recipe(
+        [{"name": "bic", "options": {"stage2_epochs": 30}}],
+        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+    ))
     plugin = exp.named_plugins["bic"]
     spy = Spy(plugin)
     exp.strategy.plugins.append(spy)
     weights = []
-    original = bic_module.stage1_loss
+    original, original_sgd = bic_module.stage1_loss, torch.optim.SGD
 
     def recording(ce, kd, weight):
         weights.append(weight)
         return original(ce, kd, weight)
 
+    def recording_sgd(params, **settings):
+        spy.phase_optimizers.append(settings)
+        return original_sgd(params, **settings)
+
     bic_module.stage1_loss = recording
+    torch.optim.SGD = recording_sgd  # only the extra phases build optimizers during training
     model = exp.ctx.model
     snapshots = []
 
@@ -215,13 +310,23 @@ def bic_run():
                 spy.eval_batches.clear()
                 exp.strategy.eval(stream.test_stream[:3])
     finally:
-        bic_module.stage1_loss = original
+        bic_module.stage1_loss, torch.optim.SGD = original, original_sgd
     return exp, plugin, spy, weights, snapshots
 
 
 def test_stage1_uses_lambda_per_step(bic_run):
     _, _, _, weights, _ = bic_run
     assert sorted(set(round(w, 6) for w in weights)) == [0.5, round(4 / 6, 6)]
+
+
+def test_stage1_weight_decay_and_stage2_optimizer(bic_run):
+    _, plugin, spy, _, _ = bic_run
+    # Digits has 5 steps: 1e-3 * 5 / (step + 1) in the strategy's optimizer during stage 1.
+    assert sorted(spy.weight_decays) == [0, 1, 2]
+    assert sum(spy.weight_decays.values(), []) == pytest.approx([5e-3, 2.5e-3, 5e-3 / 3])
+    # Stage 2 (after steps 1 and 2) at 0.1 * 32 / 256, momentum 0.9, no weight decay.
+    assert spy.phase_optimizers == [{"lr": 0.0125, "momentum": 0.9, "weight_decay": 0.0, "foreach": True}] * 2
+    assert [s["stage2_lr"] for s in plugin.history] == [0.0125, 0.0125]
 
 
 def test_new_classes_hold_out_their_validation_samples(bic_run):

@@ -47,7 +47,7 @@ def recipe_for(method: str) -> dict:
     data = _base()
     plugins = {
         "replay": [],
-        "ucir": [{"name": "ucir", "options": {"finetune_epochs": 2, "finetune_milestones": [1]}}],
+        "ucir": [{"name": "ucir", "options": {"cb_finetune": True, "finetune_epochs": 2, "finetune_milestones": [1]}}],
         "bic": [{"name": "bic", "options": {"stage2_epochs": 4, "stage2_milestones": [2]}}],
         "eeil": [{"name": "eeil", "options": {"finetune_epochs": 2, "finetune_milestones": [1]}}],
         "il2m": [{"name": "il2m"}],

@@ -309,8 +309,9 @@ def _run_ucir(n_first: int, per_exp: int, epochs: int = 2, **options):
 
 @pytest.fixture(scope="module")
 def ucir_run():
-    # 4 base classes, then two steps of 3: lambda = 5 sqrt(4/3), then 5 sqrt(7/3).
-    return _run_ucir(4, 3)
+    # 4 base classes, then two steps of 3: lambda = 5 sqrt(4/3), then 5 sqrt(7/3). With the
+    # class-balanced finetuning (off by default, as in the authors' CIFAR-100 script).
+    return _run_ucir(4, 3, cb_finetune=True)
 
 
 def test_lambda_follows_the_formula_at_each_step(ucir_run):
@@ -332,7 +333,7 @@ def test_old_class_weights_do_not_change_during_a_step(ucir_run):
 
 
 def test_old_rows_move_when_freezing_is_off():
-    _, probe, _ = _run_ucir(4, 6, epochs=1, freeze_old=False, cb_finetune=False)
+    _, probe, _ = _run_ucir(4, 6, epochs=1, freeze_old=False)
     assert not probe.steps[1]["old_unchanged"]
 
 
@@ -373,11 +374,27 @@ def test_recipe_validates_and_builder_swaps_the_head():
     assert isinstance(exp.ctx.model.classifier, CosineIncrementalClassifier)
     assert ucir.finetune.weight_decay == 5e-4 and ucir.finetune_batch_size == 128
     assert ucir.lambda_base == 5.0 and ucir.margin == 0.5 and ucir.top_k == 2
+    assert not ucir.cb_finetune  # the authors' CIFAR-100 script has no class-balanced finetuning
     with pytest.raises(RecipeError, match="strategy.memory"):
         build_experiment(load_recipe(ROOT / "recipes" / "ucir.yaml", [
             "benchmark={name: digits}", "model={name: mlp}", "strategy.memory=null", "strategy.name=naive",
             "evaluation.metrics=[incremental_accuracy]",
         ]))
+
+
+def test_imagenet_style_recipe_turns_cbf_on_with_the_imagenet_settings():
+    from cl_ext.runner import build_experiment
+
+    recipe = load_recipe(ROOT / "recipes" / "ucir_cbf.yaml", [
+        "benchmark={name: digits, options: {classes_per_exp: 2}}", "model={name: mlp, options: {hidden: [16]}}",
+        "output.dir=/nonexistent",
+    ])
+    ucir = build_experiment(recipe).named_plugins["ucir"]
+    assert ucir.cb_finetune and ucir.lambda_base == 10.0
+    # cbf_class_incremental_cosine_imagenet.py: --ft_epochs 20 --ft_base_lr 0.01 --ft_lr_strat 10,
+    # the main weight decay (1e-4) and momentum, batch 128.
+    assert ucir.finetune == PhaseSchedule(epochs=20, lr=0.01, momentum=0.9, weight_decay=1e-4, milestones=[10])
+    assert ucir.finetune_batch_size == 128
 
 
 def test_user_script_trains_and_evaluates():

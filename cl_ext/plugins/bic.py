@@ -11,17 +11,24 @@ Each step after the first trains in two stages.
   teacher's and the student's softmax over the old classes; the teacher is the previous
   model *with its own bias correction* (the reference code distils from the corrected
   logits of the previous group).
-- Stage 2 (paper Sec. 4, bias correction layer): with backbone and classifier frozen and the model in eval
-  mode, two scalars ``alpha, beta`` map the newest group's logits to ``alpha * o + beta``
-  (older groups' logits pass unchanged); they are fitted with cross-entropy on a small
-  class-balanced validation set plus ``0.1 * beta^2 / 2`` (the reference code's
-  ``0.1 * tf.nn.l2_loss`` on the bias term, scale left free).
+- Stage 2 (paper Sec. 4, bias correction layer): with backbone and classifier frozen, two
+  scalars ``alpha, beta`` map the newest group's logits to ``alpha * o + beta`` (older groups'
+  logits pass unchanged); they are fitted with cross-entropy on a small class-balanced
+  validation set plus ``0.1 * beta^2 / 2`` (the reference code's ``0.1 * tf.nn.l2_loss`` on the
+  bias term, scale left free), SGD at the reference code's ``0.1 * batch / 256``.
+
+Two details of the reference code are options, on by default: its bias stage runs the network
+in training mode, so batch norm normalises the validation batches with their own statistics
+(``stage2_batch_norm="train"``; the model's running statistics are not changed), and its
+stage-1 weight decay shrinks with the step, ``wd * n_steps / (step + 1)``
+(``shrink_weight_decay``).
 
 The validation set lives inside the exemplar budget: the memory keeps 1/10 of every class's
 places as never-rehearsed validation exemplars, and each new class holds out as many samples
 before it is trained on (:meth:`cl_ext.memory.ExemplarMemory.hold_out`). Because the frozen
 network's outputs on the validation set do not change during stage 2, they are computed
-once and stage 2 fits ``alpha, beta`` on the cached logits (same optimum, no forward passes).
+once (in fixed batches, which is what batch statistics depend on) and stage 2 fits
+``alpha, beta`` on the cached logits (no forward passes).
 
 Only the newest correction is applied at inference, as in the reference code: the
 correction of an earlier group is baked into the next model through distillation from the
@@ -32,7 +39,7 @@ metrics, the next step's teacher -- sees corrected logits.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +54,8 @@ from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
+
+BatchNormMode = Literal["train", "eval"]
 
 
 # -- pure functions ------------------------------------------------------------------------
@@ -85,6 +94,61 @@ def stage2_loss(
 ) -> torch.Tensor:
     """Cross-entropy of the corrected logits plus ``beta_penalty * beta^2 / 2`` (reference code)."""
     return F.cross_entropy(corrected_logits, targets) + beta_penalty * beta.pow(2).sum() / 2
+
+
+def reference_stage2_lr(batch_size: int) -> float:
+    """The reference code's bias-stage learning rate, ``0.1 * batch / 256`` (``resnet.learning_rate_with_decay``)."""
+    return 0.1 * batch_size / 256
+
+
+def shrunk_weight_decay(weight_decay: float, step: int, n_steps: int) -> float:
+    """The reference code's stage-1 weight decay at ``step`` (0-based) of ``n_steps``: ``wd * n_steps / (step + 1)``.
+
+    ``imagenet_main.imagenet_model_fn``: ``1e-4 * nb_groups / (itera + 1)``, so ``wd`` is the
+    last step's value and the first step's is ``n_steps`` times larger.
+    """
+    return weight_decay * n_steps / (step + 1)
+
+
+def no_lone_sample(n: int, batch_size: int) -> int:
+    """The largest batch size up to ``batch_size`` that splits ``n`` samples without a last batch of one.
+
+    One batch of all ``n`` when no smaller size does.
+    """
+    if n <= batch_size:
+        return max(n, 1)
+    return next((size for size in range(batch_size, 1, -1) if n % size != 1), n)
+
+
+def validation_logits(
+    model: nn.Module, dataset, device, batch_size: int, batch_norm: BatchNormMode, tensor: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs on ``dataset`` (eval transforms) for stage 2.
+
+    ``batch_norm="train"``: batch-norm layers normalise each batch with its own statistics, as
+    the reference code's bias stage (a TF estimator in training mode) does; the other layers
+    stay in eval mode, and the running statistics are restored afterwards (the reference
+    code's updates of them stay in the bias stage's checkpoint, which the evaluation does not
+    read). The batch size is lowered if needed so that no batch holds a lone sample, whose
+    batch statistics are degenerate (batch norm refuses it).
+    """
+    if batch_norm == "eval":
+        return extract_features(model, dataset, device, output_logits, batch_size, tensor)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+
+    def batch_statistics_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for norm in norms:
+            norm.train()
+        return m(x)
+
+    try:
+        return extract_features(
+            model, dataset, device, batch_statistics_logits, no_lone_sample(len(dataset), batch_size), tensor
+        )
+    finally:
+        for norm, state in zip(norms, saved):
+            norm.load_state_dict(state)
 
 
 def fit_bias_correction(
@@ -148,7 +212,12 @@ class BiCPlugin(SupervisedPlugin):
     """BiC on top of rehearsal from ``memory``; put it after the memory's ``ExemplarMemoryPlugin``.
 
     The plugin sets the memory's holdout to ``val_fraction`` and attaches a
-    :class:`BiasLayer` to ``model`` as ``model.bic_bias``.
+    :class:`BiasLayer` to ``model`` as ``model.bic_bias``. ``stage2_lr=None`` is the reference
+    code's ``0.1 * batch / 256`` (the strategy's batch); ``stage2_batch_norm="train"`` scores the
+    validation set with batch statistics, as the reference code's bias stage; with
+    ``shrink_weight_decay`` the strategy optimizer's weight decay at step ``t`` is
+    ``wd * n_steps / (t + 1)``, ``n_steps`` the length of the run (default: of the experience's
+    stream).
     """
 
     def __init__(
@@ -159,9 +228,12 @@ class BiCPlugin(SupervisedPlugin):
         val_fraction: float = 0.1,
         temperature: float = 2.0,
         stage2_epochs: int = 200,
-        stage2_lr: float = 0.1,
+        stage2_lr: float | None = None,
         stage2_milestones: tuple[int, ...] = (60, 120, 160, 180),
         beta_penalty: float = 0.1,
+        stage2_batch_norm: BatchNormMode = "train",
+        shrink_weight_decay: bool = True,
+        n_steps: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -172,10 +244,13 @@ class BiCPlugin(SupervisedPlugin):
         self.model = model
         self.bias_layer = attach_output_transform(model, "bic_bias", BiasLayer())
         self.temperature = temperature
-        self.schedule = PhaseSchedule(
-            epochs=stage2_epochs, lr=stage2_lr, momentum=0.9, milestones=list(stage2_milestones)
-        )
+        self.stage2_epochs = stage2_epochs
+        self.stage2_lr = stage2_lr  # None: the reference code's 0.1 * batch / 256, known at stage 2
+        self.stage2_milestones = list(stage2_milestones)
         self.beta_penalty = beta_penalty
+        self.stage2_batch_norm = stage2_batch_norm
+        self.shrink_weight_decay = shrink_weight_decay
+        self.n_steps = n_steps
         self._generator = torch.Generator().manual_seed(seed)
         self.teacher: nn.Module | None = None
         self.n_seen = 0  # classes learned in finished steps
@@ -186,10 +261,21 @@ class BiCPlugin(SupervisedPlugin):
         if strategy.model is not self.model:
             raise RuntimeError("BiCPlugin was built for another model than the strategy's")
         self.group = newest_classes(strategy.experience, self.n_seen, "BiC")
+        if self.shrink_weight_decay:
+            self._set_weight_decay(strategy)
         if self.n_seen:
             # The teacher keeps the previous correction; the student trains on raw logits.
             self.teacher = frozen_copy(strategy.model)
         self.bias_layer.reset()
+
+    def _set_weight_decay(self, strategy) -> None:
+        experience = strategy.experience
+        # A sliced stream (train_stream[:3]) is its experiences' origin: the whole run's length is better given.
+        n_steps = self.n_steps or len(experience.origin_stream)
+        for group in strategy.optimizer.param_groups:
+            # Each group's own decay is kept the first time, as torch's schedulers keep "initial_lr".
+            base = group.setdefault("initial_weight_decay", group["weight_decay"])
+            group["weight_decay"] = shrunk_weight_decay(base, experience.current_experience, n_steps)
 
     def before_backward(self, strategy, **kwargs):
         if self.teacher is None:
@@ -218,12 +304,15 @@ class BiCPlugin(SupervisedPlugin):
                 f"BiC stage 2 found no validation exemplars for classes {missing[:5]}: the memory must be "
                 "updated before BiC runs (put ExemplarMemoryPlugin before BiCPlugin)"
             )
-        logits, targets = extract_features(
-            strategy.model, self.memory.holdout_dataset(classes), strategy.device, output_logits,
-            strategy.eval_mb_size, tensor_enabled(strategy),
+        batch_size = strategy.train_mb_size
+        logits, targets = validation_logits(
+            strategy.model, self.memory.holdout_dataset(classes), strategy.device, batch_size,
+            self.stage2_batch_norm, tensor_enabled(strategy),
         )
+        lr = reference_stage2_lr(batch_size) if self.stage2_lr is None else self.stage2_lr
+        schedule = PhaseSchedule(epochs=self.stage2_epochs, lr=lr, momentum=0.9, milestones=self.stage2_milestones)
         alpha, beta, losses = fit_bias_correction(
-            logits, targets, start, end, self.schedule, batch_size=strategy.train_mb_size,
+            logits, targets, start, end, schedule, batch_size=batch_size,
             device=strategy.device, beta_penalty=self.beta_penalty, generator=self._generator,
             tensor=tensor_enabled(strategy),
         )
@@ -236,6 +325,7 @@ class BiCPlugin(SupervisedPlugin):
             "alpha": alpha,
             "beta": beta,
             "validation_size": len(targets),
+            "stage2_lr": lr,
             "stage2_loss": [losses[0], losses[-1]] if losses else None,
             "validation_before": prediction_stats(logits, targets, start),
             "validation_after": prediction_stats(corrected, targets, start),
@@ -280,9 +370,11 @@ def build_bic(
     val_fraction: float = 0.1,
     temperature: float = 2.0,
     stage2_epochs: int = 200,
-    stage2_lr: float = 0.1,
+    stage2_lr: float | None = None,
     stage2_milestones: tuple[int, ...] = (60, 120, 160, 180),
     beta_penalty: float = 0.1,
+    stage2_batch_norm: BatchNormMode = "train",
+    shrink_weight_decay: bool = True,
 ) -> BiCPlugin:
     """BiC (Wu et al. 2019): distillation, then a 2-parameter bias correction fitted on held-out exemplars."""
     if ctx.memory is None:
@@ -293,5 +385,7 @@ def build_bic(
     return BiCPlugin(
         ctx.model, ctx.memory, val_fraction=val_fraction, temperature=temperature,
         stage2_epochs=stage2_epochs, stage2_lr=stage2_lr, stage2_milestones=stage2_milestones,
-        beta_penalty=beta_penalty, seed=ctx.recipe.seed,
+        beta_penalty=beta_penalty, stage2_batch_norm=stage2_batch_norm,
+        shrink_weight_decay=shrink_weight_decay, n_steps=ctx.benchmark.info.n_experiences if ctx.benchmark else None,
+        seed=ctx.recipe.seed,
     )
