@@ -39,11 +39,12 @@ metrics, the next step's teacher -- sees corrected logits.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from pydantic import Field
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -367,14 +368,14 @@ def prediction_stats(logits: torch.Tensor, targets: torch.Tensor, newest_start: 
 @register("plugin", "bic")
 def build_bic(
     ctx: BuildContext,
-    val_fraction: float = 0.1,
-    temperature: float = 2.0,
-    stage2_epochs: int = 200,
-    stage2_lr: float | None = None,
-    stage2_milestones: tuple[int, ...] = (60, 120, 160, 180),
-    beta_penalty: float = 0.1,
-    stage2_batch_norm: BatchNormMode = "train",
-    shrink_weight_decay: bool = True,
+    val_fraction: Annotated[float, Field(gt=0, lt=1, description="share of each class's memory quota held out for stage 2 (authors: 0.1)")] = 0.1,
+    temperature: Annotated[float, Field(gt=0, description="T of the distillation loss (paper: 2)")] = 2.0,
+    stage2_epochs: Annotated[int, Field(ge=1, description="epochs of the bias-correction stage (authors: 200)")] = 200,
+    stage2_lr: Annotated[float | None, Field(gt=0, description="stage-2 SGD lr (null: the authors' 0.1·batch/256)")] = None,
+    stage2_milestones: Annotated[tuple[int, ...], Field(description="stage-2 epochs where the lr is divided by 10 (authors: 60, 120, 160, 180)")] = (60, 120, 160, 180),
+    beta_penalty: Annotated[float, Field(ge=0, description="weight w of the w·β²/2 penalty (authors: 0.1)")] = 0.1,
+    stage2_batch_norm: Annotated[BatchNormMode, Field(description="train: batch statistics in stage 2, as the authors; eval: running statistics")] = "train",
+    shrink_weight_decay: Annotated[bool, Field(description="stage-1 weight decay wd·N/(t+1) at step t of N (authors); false: constant")] = True,
 ) -> BiCPlugin:
     """BiC (Wu et al. 2019): distillation, then a 2-parameter bias correction fitted on held-out exemplars."""
     if ctx.memory is None:
