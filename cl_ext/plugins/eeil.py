@@ -27,7 +27,6 @@ driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
