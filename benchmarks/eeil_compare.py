@@ -6,6 +6,10 @@ then old/new accuracy and the share of predictions going to the newest classes p
 
     python benchmarks/eeil_compare.py --benchmark digits --seeds 0 1 2
     python benchmarks/eeil_compare.py --benchmark mnist --seeds 0 1 2 --data /work/shared/data
+
+``--set KEY=VALUE`` adds a recipe override to every run (e.g. ``--set
+plugins.0.options.multiplicity=1``; the replay runs drop the plugin after it), ``--methods``
+runs only some of the methods (``replay``, ``eeil-no-finetuning``, ``eeil``).
 """
 
 from __future__ import annotations
@@ -64,9 +68,10 @@ METHODS = {
     "EEIL without balanced fine-tuning": ["plugins.0.options.balanced_finetuning=false"],
     "EEIL": [],
 }
+KEYS = dict(zip(["replay", "eeil-no-finetuning", "eeil"], METHODS))
 
 
-def run(benchmark: str, method: str, seed: int, data: str, out: str) -> dict:
+def run(benchmark: str, method: str, seed: int, data: str, out: str, extra: list[str]) -> dict:
     overrides = BENCHMARKS[benchmark] + [
         "plugins.0.options.augment=none",
         f"seed={seed}",
@@ -77,7 +82,7 @@ def run(benchmark: str, method: str, seed: int, data: str, out: str) -> dict:
     ]
     if benchmark == "mnist":
         overrides.append(f"benchmark.options.root={data}")
-    recipe = load_recipe(RECIPE, overrides + METHODS[method])
+    recipe = load_recipe(RECIPE, overrides + extra + METHODS[method])
     experiment = build_experiment(recipe)
     return run_experiment(experiment, new_run_dir(recipe))
 
@@ -94,15 +99,17 @@ def main() -> None:
     parser.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", default="../shared/data", help="folder holding mnist.npz")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
+    parser.add_argument("--methods", nargs="+", choices=list(KEYS), default=list(KEYS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results: dict[str, list[dict]] = {m: [] for m in METHODS}
+    results: dict[str, list[dict]] = {KEYS[key]: [] for key in args.methods}
     with tempfile.TemporaryDirectory() as out:
         for seed in args.seeds:
-            for method in METHODS:
-                results[method].append(run(args.benchmark, method, seed, args.data, out))
+            for method in results:
+                results[method].append(run(args.benchmark, method, seed, args.data, out, args.set))
     n_steps = len(next(iter(results.values()))[0]["seen_accuracy"])
-    print(f"\n### {args.benchmark}, seeds {args.seeds} (mean ± std, %)\n")
+    print(f"\n### {args.benchmark}, seeds {args.seeds} (mean ± std, %){''.join(' --set ' + o for o in args.set)}\n")
     print("| method | average incremental accuracy | final accuracy | forgetting |")
     print("|---|---|---|---|")
     for method, runs in results.items():

@@ -52,7 +52,7 @@ def train_phase(
     mode: Literal["train", "eval"] = "train",
     generator: torch.Generator | None = None,
     description: str = "extra phase",
-    before_step: Callable[[], None] | None = None,
+    before_step: Callable[[int, int], None] | None = None,
     tensor: bool = True,
 ) -> list[float]:
     """Train ``params`` on ``dataset`` for ``schedule.epochs`` epochs; returns the mean loss per epoch.
@@ -60,8 +60,9 @@ def train_phase(
     ``loss_fn(x, y)`` computes the loss of a minibatch (moved to ``device``); it usually
     closes over the model. ``mode="eval"`` keeps batch-norm statistics and dropout frozen,
     as BiC's stage 2 needs. Only ``params`` are updated; they must require gradients.
-    ``before_step()``, if given, runs after each backward pass and before the optimizer step
-    (to edit gradients, e.g. EEIL's gradient noise). The phase is announced to
+    ``before_step(epoch, n)``, if given, runs after each backward pass and before the optimizer
+    step, with the phase's epoch (from 0) and the minibatch's size (to edit gradients, e.g.
+    EEIL's gradient noise). The phase is announced to
     :mod:`cl_ext.progress` under ``description``. ``tensor``: batches from the tensor data
     path where the dataset allows (:func:`cl_ext.data.loader`).
     """
@@ -92,7 +93,7 @@ def train_phase(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if before_step is not None:
-                        before_step()
+                        before_step(epoch, len(y))
                     optimizer.step()
                     total += float(loss.detach()) * len(y)
                     count += len(y)

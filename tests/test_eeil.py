@@ -1,17 +1,20 @@
 """EEIL (Castro et al. 2018): loss values by hand, the distillation terms per phase, the
-balanced set, the teachers, augmentation and gradient noise."""
+balanced set, the teachers, augmentation, its multiplicity and gradient noise."""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
 
 import cl_ext.plugins.eeil as eeil
 from cl_ext import registry
 from cl_ext.config import validate_recipe
 from cl_ext.context import BuildContext
+from cl_ext.data import loader
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory
 from cl_ext.plugins.eeil import (
@@ -168,16 +171,81 @@ def test_without_balanced_finetuning_there_is_no_temporary_term(monkeypatch):
     assert exp.named_plugins["eeil"].summary()["balanced_finetuning"] == []
 
 
-def test_noise_steps_run_on_through_finetuning_and_augmented_training_runs():
+def test_noise_follows_the_epoch_from_1_and_runs_on_through_finetuning(monkeypatch):
+    """The authors' schedule counts epochs from 1 and their fine-tuning resumes at the
+    training phase's last epoch; each update's noise is scaled by its own minibatch size."""
+    calls = []
+    monkeypatch.setattr(GradientNoise, "add", lambda self, params, epoch, batch_size: calls.append((epoch, batch_size)))
     exp = build_experiment(digits_recipe(augment="full", gradient_noise=True))
-    plugin = exp.named_plugins["eeil"]
+    first, second = exp.ctx.benchmark.benchmark.train_stream[:2]
+    assert (len(first.dataset), len(second.dataset)) == (252, 252)
+    exp.strategy.train(first)  # 252 = 3 x 64 + 60, one epoch, no fine-tuning
+    assert calls == [(1, 64)] * 3 + [(1, 60)]
+    calls.clear()
+    exp.strategy.train(second)
+    # Epoch 1: 252 + 60 exemplars = 4 x 64 + 56; fine-tuning epochs 2 and 3: 4 classes x 30 = 64 + 56.
+    assert calls == [(1, 64)] * 4 + [(1, 56)] + [(2, 64), (2, 56), (3, 64), (3, 56)]
+
+
+def images(batch_x: torch.Tensor) -> list[bytes]:
+    return [row.numpy().tobytes() for row in batch_x.flatten(1)]
+
+
+@pytest.mark.parametrize("data_path", ["tensor", "avalanche"])
+def test_multiplicity_passes_over_each_phases_data_that_many_times_per_epoch(monkeypatch, data_path):
+    seen = {"main": [], "finetuning": []}
+
+    class Recorder(SupervisedPlugin):
+        def before_forward(self, strategy, **kwargs):
+            seen["main"].append(images(strategy.mb_x))
+
+    def recording_train_phase(model, data, params, loss_fn, *args, **kwargs):
+        def recording_loss(x, y):
+            seen["finetuning"].append((images(x), y.tolist()))
+            return loss_fn(x, y)
+
+        return original_train_phase(model, data, params, recording_loss, *args, **kwargs)
+
+    original_train_phase = eeil.train_phase
+    monkeypatch.setattr(eeil, "train_phase", recording_train_phase)
+    recipe = digits_recipe(multiplicity=3)
+    recipe.strategy.data_path = data_path
+    exp = build_experiment(recipe)
+    exp.strategy.plugins.append(Recorder())
     first, second = exp.ctx.benchmark.benchmark.train_stream[:2]
     exp.strategy.train(first)
-    main_batches = batches(second, exp.ctx.memory)
+    # 3 x 252 images in batches of 64: 12 updates (one pass alone takes 4).
+    assert len(seen["main"]) == 12
+    exemplars = exp.ctx.memory.dataset()
+    seen["main"].clear()
     exp.strategy.train(second)
-    # The noise schedule's step counter restarts at each experience and continues into
-    # balanced fine-tuning: 1 epoch of training, then 2 epochs over 4 classes x 30 samples.
-    assert plugin._noise_step == main_batches + 2 * math.ceil(120 / 64)
+    # 3 x (252 + 60) = 936 images: 15 updates; every image of the new data and the memory 3 times.
+    assert len(seen["main"]) == 15
+    expected = Counter(
+        image
+        for data in (second.dataset, exemplars)
+        for x, *_ in loader(data.train(), 1000, "cpu")
+        for image in images(x)
+    )
+    assert Counter(image for batch in seen["main"] for image in batch) == {k: 3 * n for k, n in expected.items()}
+    # Fine-tuning, 2 epochs over 3 x 120 balanced images: 6 updates each, every image 3 times.
+    finetuning = seen["finetuning"]
+    assert len(finetuning) == 12
+    for epoch in (finetuning[:6], finetuning[6:]):
+        counts = Counter(image for batch, _ in epoch for image in batch)
+        assert sum(counts.values()) == 360 and all(n % 3 == 0 for n in counts.values())
+        assert torch.tensor([label for _, labels in epoch for label in labels]).bincount().tolist() == [90] * 4
+
+
+def test_multiplicity_with_augmentation_and_noise_is_deterministic_for_a_seed():
+    def trained_weights():
+        exp = build_experiment(digits_recipe(multiplicity=2, augment="full", gradient_noise=True))
+        for experience in exp.ctx.benchmark.benchmark.train_stream[:2]:
+            exp.strategy.train(experience)
+        return exp.ctx.model.state_dict()
+
+    first, second = trained_weights(), trained_weights()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_state_dict_round_trip_rebuilds_the_teacher_from_the_model():
@@ -226,6 +294,10 @@ def test_builder_needs_memory_and_scales_the_finetuning_rate():
     assert plugin.temperature == 2.0 and plugin.augment.geometric is False
     assert plugin.gradient_noise == GradientNoise(0.3, 0.55)
     assert registry.build("plugin", "eeil", ctx, {"balanced_finetuning": False}).finetune is None
+    assert plugin.multiplicity == 1
+    assert registry.build("plugin", "eeil", ctx, {"multiplicity": 12}).multiplicity == 12
+    with pytest.raises(ValueError, match="multiplicity"):
+        registry.build("plugin", "eeil", ctx, {"multiplicity": 0})
 
 
 # -- augmentation and noise -------------------------------------------------------------------
@@ -265,16 +337,26 @@ def test_augmentation_draws_the_twelve_variants_and_stays_in_pixel_range():
         EEILAugment()(torch.zeros(4, 64))
 
 
-def test_gradient_noise_variance():
-    torch.manual_seed(0)
+def test_gradient_noise_schedule_by_hand():
+    noise = GradientNoise(eta=0.3, gamma=0.55)
+    assert noise.std(0, 1) == pytest.approx(0.3)
+    assert noise.std(3, 1) == pytest.approx(0.3 / 2.1435469, rel=1e-6)  # 4^0.55 = 2^1.1
+    # The authors' first epoch, on the mean gradient of a minibatch of 128: 0.3 / 2^0.55 / 128.
+    assert noise.std(1, 128) == pytest.approx(0.3 / 1.4640857 / 128, rel=1e-6)
+
+
+def test_gradient_noise_draws():
     noise = GradientNoise(eta=0.3, gamma=0.55)
     p = torch.nn.Parameter(torch.zeros(200_000))
     p.grad = torch.zeros_like(p)
     untouched = torch.nn.Parameter(torch.zeros(3))  # no gradient: left alone
-    noise.add([p, untouched], step=9)
-    assert p.grad.var().item() == pytest.approx(0.3 / 10**0.55, rel=0.02)
+    torch.manual_seed(0)
+    noise.add([p, untouched], epoch=3, batch_size=50)
     assert untouched.grad is None
-    assert noise.std(0) == pytest.approx(math.sqrt(0.3))
+    assert p.grad.std().item() == pytest.approx(0.3 / 2.1435469 / 50, rel=0.01)
+    assert abs(p.grad.mean().item()) < 0.3 / 2.1435469 / 50 * 0.01
+    torch.manual_seed(0)
+    assert torch.allclose(p.grad, torch.randn(200_000) * (0.3 / 2.1435469 / 50), rtol=1e-6, atol=0)
 
 
 def test_balanced_set_reuses_the_memorys_herding_and_picks_what_a_fresh_picker_picks(digits_ctx):

@@ -15,9 +15,11 @@ Each incremental step has two phases (the paper's "incremental learning" section
    code (``incremental_training.m``) this same teacher also supplies the old steps' targets
    during this phase. The temporary term is dropped afterwards.
 
-Options from the paper's implementation details: the on-the-fly counterpart of its data
-augmentation (brightness, contrast, random crop, mirror) and gradient noise (Neelakantan et
-al. 2015, variance ``eta / (1 + t) ** gamma``, eta = 0.3, gamma = 0.55).
+Options from the paper's implementation details and the authors' code: the on-the-fly
+counterpart of their data augmentation (brightness, contrast, random crop, mirror), the
+multiplicity of their twelvefold augmented training set (each epoch passes over the data
+``multiplicity`` times, in both phases), and their gradient noise (standard deviation
+``0.3 / (1 + epoch) ** 0.55`` on the batch-summed gradient).
 
 The exemplar memory itself (herding, fixed budget) is :class:`cl_ext.memory.ExemplarMemory`,
 driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before this plugin.
@@ -25,7 +27,6 @@ driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -194,19 +195,39 @@ def shifted_crop(pixels: torch.Tensor, offsets: torch.Tensor, padding: int) -> t
 
 @dataclass(frozen=True)
 class GradientNoise:
-    """Gaussian gradient noise of variance ``eta / (1 + t) ** gamma`` at optimizer step t."""
+    """The authors' gradient noise: standard deviation ``eta / (1 + epoch) ** gamma`` on the summed gradient.
+
+    ``cnn_train_dag_exemplars.m`` (``accumulate_gradients``) adds ``0.3 / (1 + epoch)^0.55``
+    times a fresh standard normal draw to every parameter's derivative at every update;
+    MatConvNet's losses sum over the minibatch, and the noisy sum is then divided by the
+    minibatch's size. cl-ext's losses are means, so the same noise on their gradient has that
+    standard deviation divided by the minibatch's size. ``epoch`` counts from 1, as
+    MatConvNet's does.
+    """
 
     eta: float = 0.3
     gamma: float = 0.55
 
-    def std(self, step: int) -> float:
-        return math.sqrt(self.eta / (1 + step) ** self.gamma)
+    def std(self, epoch: int, batch_size: int) -> float:
+        """The noise's standard deviation on the gradient of a mean loss over ``batch_size`` samples."""
+        return self.eta / (1 + epoch) ** self.gamma / batch_size
 
-    def add(self, params: Sequence[nn.Parameter], step: int) -> None:
-        std = self.std(step)
+    def add(self, params: Sequence[nn.Parameter], epoch: int, batch_size: int) -> None:
+        std = self.std(epoch, batch_size)
         for p in params:
             if p.grad is not None:
                 p.grad.add_(torch.randn_like(p.grad), alpha=std)
+
+
+def repeated(dataset, times: int):
+    """``dataset`` ``times`` over, as one dataset.
+
+    The authors store a twelvefold augmented copy of the training set and shuffle all copies
+    together (``randperm`` over the whole set in ``cnn_train_dag_exemplars.m``); shuffling the
+    repeated dataset mixes the copies the same way, and each copy gets its own augmentation
+    draw when its minibatch is built.
+    """
+    return dataset if times == 1 else concat_datasets([dataset] * times)
 
 
 # -- the plugin ---------------------------------------------------------------------------
@@ -245,7 +266,9 @@ class EEILPlugin(SupervisedPlugin):
     Attach after an :class:`~cl_ext.memory.ExemplarMemoryPlugin` on the same ``memory``,
     with cross-entropy as the strategy's criterion. ``finetune`` is the balanced
     fine-tuning schedule (``None``: no fine-tuning), run with minibatches of ``batch_size``;
-    ``augment`` maps a training minibatch to its augmented copy.
+    ``augment`` maps a training minibatch to its augmented copy; every epoch of both phases
+    passes over its training set ``multiplicity`` times (the authors: 12, their augmented
+    copies).
     """
 
     def __init__(
@@ -256,14 +279,18 @@ class EEILPlugin(SupervisedPlugin):
         batch_size: int = 128,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         gradient_noise: GradientNoise | None = None,
+        multiplicity: int = 1,
     ):
         super().__init__()
+        if multiplicity < 1:
+            raise ValueError(f"EEIL's multiplicity must be at least 1, got {multiplicity}")
         self.memory = memory
         self.temperature = temperature
         self.finetune = finetune
         self.batch_size = batch_size
         self.augment = augment
         self.gradient_noise = gradient_noise
+        self.multiplicity = multiplicity
         self.step_classes: list[list[int]] = []  # output units learned in each finished step
         self.teacher: nn.Module | None = None
         self._distilled: StepUnits | None = None  # the finished steps, while one trains
@@ -271,13 +298,13 @@ class EEILPlugin(SupervisedPlugin):
         self._current: list[int] = []
         self._old_exemplars = None
         self._old_per_class = 0
-        self._noise_step = 0
+        self._epoch = 0  # of the step, from 1, run on through balanced fine-tuning as the authors' is
         self._finetune_log: list[dict[str, Any]] = []
 
     # -- phase 1: training with the cross-distilled loss ------------------------------
     def before_training_exp(self, strategy, **kwargs):
         self._current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
-        self._noise_step = 0
+        self._epoch = 0
         self.teacher = None
         if self.step_classes:
             if not self.memory.classes:
@@ -294,6 +321,13 @@ class EEILPlugin(SupervisedPlugin):
             self._old_exemplars = self.memory.dataset()
             self._old_per_class = self.memory.quota(len(self.memory.classes))
 
+    def after_train_dataset_adaptation(self, strategy, **kwargs):
+        # After the memory plugin's: the exemplars are repeated with the new data.
+        strategy.adapted_dataset = repeated(strategy.adapted_dataset, self.multiplicity)
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self._epoch += 1
+
     def before_forward(self, strategy, **kwargs):
         if self.augment is not None:
             strategy.mbatch[0] = self.augment(strategy.mbatch[0])
@@ -308,12 +342,11 @@ class EEILPlugin(SupervisedPlugin):
         strategy.loss = strategy.loss + terms.sum()
 
     def before_update(self, strategy, **kwargs):
-        self._add_noise(strategy.model)
+        self._add_noise(strategy.model, self._epoch, len(strategy.mb_y))
 
-    def _add_noise(self, model: nn.Module) -> None:
+    def _add_noise(self, model: nn.Module, epoch: int, batch_size: int) -> None:
         if self.gradient_noise is not None:
-            self.gradient_noise.add(list(model.parameters()), self._noise_step)
-            self._noise_step += 1
+            self.gradient_noise.add(list(model.parameters()), epoch, batch_size)
 
     # -- phase 2: balanced fine-tuning ---------------------------------------------------
     def after_training_exp(self, strategy, **kwargs):
@@ -340,10 +373,14 @@ class EEILPlugin(SupervisedPlugin):
                 teacher_logits = teacher(x)
             return cross_distilled_loss(model(x), y, teacher_logits, steps, self.temperature)
 
+        # The authors' fine-tuning resumes from the training phase's last checkpoint, so its
+        # epochs (and the noise schedule) continue the count: 41 to 70 after 40.
+        main_epochs = self._epoch
         losses = train_phase(
-            model, data, model.parameters(), loss_fn, self.finetune,
+            model, repeated(data, self.multiplicity), model.parameters(), loss_fn, self.finetune,
             batch_size=self.batch_size, device=device, description="EEIL balanced fine-tuning",
-            before_step=lambda: self._add_noise(model), tensor=tensor_enabled(strategy),
+            before_step=lambda epoch, n: self._add_noise(model, main_epochs + epoch + 1, n),
+            tensor=tensor_enabled(strategy),
         )
         counts = attribute(data, "targets").bincount()
         self._finetune_log.append({
@@ -381,6 +418,7 @@ def build_eeil(
     gradient_noise: bool = False,
     noise_eta: float = 0.3,
     noise_gamma: float = 0.55,
+    multiplicity: int = 1,
 ) -> EEILPlugin:
     """EEIL (Castro et al. 2018): cross-distilled loss and balanced fine-tuning; needs strategy.memory."""
     if ctx.memory is None:
@@ -404,4 +442,5 @@ def build_eeil(
             tuple(augment_mean), tuple(augment_std), geometric=augment == "full"
         ),
         gradient_noise=GradientNoise(noise_eta, noise_gamma) if gradient_noise else None,
+        multiplicity=multiplicity,
     )
