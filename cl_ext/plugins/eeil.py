@@ -28,12 +28,13 @@ driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
+from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
@@ -407,18 +408,20 @@ class EEILPlugin(SupervisedPlugin):
 @register("plugin", "eeil")
 def build_eeil(
     ctx: BuildContext,
-    temperature: float = 2.0,
-    balanced_finetuning: bool = True,
-    finetune_epochs: int = 30,
-    finetune_lr_factor: float = 0.1,
-    finetune_milestones: list[int] = [10, 20],
-    augment: Literal["none", "full", "photometric"] = "none",
-    augment_mean: list[float] = [0.0],
-    augment_std: list[float] = [1.0],
-    gradient_noise: bool = False,
-    noise_eta: float = 0.3,
-    noise_gamma: float = 0.55,
-    multiplicity: int = 1,
+    temperature: Annotated[float, Field(gt=0, description="distillation temperature T (paper: 2)")] = 2.0,
+    balanced_finetuning: Annotated[bool, Field(description="balanced fine-tuning after every incremental step (paper)")] = True,
+    finetune_epochs: Annotated[int, Field(ge=1, description="epochs of balanced fine-tuning (paper, CIFAR-100: 30)")] = 30,
+    finetune_lr_factor: Annotated[float, Field(gt=0, description="fine-tuning starts at the recipe's lr times this (paper: 0.1)")] = 0.1,
+    finetune_milestones: Annotated[list[int], Field(description="fine-tuning epochs where its lr is divided by 10 (paper: [10, 20])")] = [10, 20],
+    augment: Annotated[Literal["none", "full", "photometric"], Field(
+        description="full: the paper's brightness, contrast, crop and mirror; photometric: brightness and contrast only "
+                    "(for benchmarks that already crop and mirror)")] = "none",
+    augment_mean: Annotated[list[float], Field(description="the benchmark's normalisation mean, so augmentation acts on [0, 1] pixels")] = [0.0],
+    augment_std: Annotated[list[float], Field(description="the benchmark's normalisation std")] = [1.0],
+    gradient_noise: Annotated[bool, Field(description="add the authors' gradient noise (recipes/eeil.yaml: true)")] = False,
+    noise_eta: Annotated[float, Field(ge=0, description="noise std η/(1+epoch)^γ on the batch-summed gradient (authors: 0.3)")] = 0.3,
+    noise_gamma: Annotated[float, Field(ge=0, description="γ of the noise schedule (authors: 0.55)")] = 0.55,
+    multiplicity: Annotated[int, Field(ge=1, description="passes over the training set per epoch, both phases (authors: 12; recipes/eeil.yaml: 12)")] = 1,
 ) -> EEILPlugin:
     """EEIL (Castro et al. 2018): cross-distilled loss and balanced fine-tuning; needs strategy.memory."""
     if ctx.memory is None:
