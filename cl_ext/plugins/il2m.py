@@ -40,11 +40,12 @@ switched off while the next step trains.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
@@ -246,7 +247,11 @@ class IL2MPlugin(SupervisedPlugin):
 
 
 @register("plugin", "il2m")
-def build_il2m(ctx: BuildContext, scores: Scores = "softmax") -> IL2MPlugin:
+def build_il2m(
+    ctx: BuildContext,
+    scores: Annotated[Scores, Field(description="what is measured and rescaled: softmax probabilities (default), "
+                                                "or raw logits as in the authors' code")] = "softmax",
+) -> IL2MPlugin:
     """IL2M (Belouadah & Popescu 2019): rescales old-class scores with stored class statistics."""
     if ctx.memory is None:
         raise RecipeError(
