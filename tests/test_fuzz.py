@@ -182,6 +182,8 @@ def _arrays(draw) -> dict[str, np.ndarray]:
     for spoil in sorted(spoils, key=lambda name: name in ("no images", "missing array")):
         split = draw(st.sampled_from(["train", "test"]))
         x, y = f"x_{split}", f"y_{split}"
+        if spoil in ("channels first", "flat images", "test size") and (out[x].ndim != 4 or out["x_test"].ndim != 4):
+            continue  # one change of shape per array: the others need the (N, H, W, C) layout
         if spoil == "x dtype":
             out[x] = out[x].astype(draw(st.sampled_from([np.int16, np.int64, np.bool_, np.float16])))
         elif spoil == "y dtype":
