@@ -55,10 +55,11 @@ PATHS = ("avalanche", "tensor")
 # iCaRL: Avalanche's iCaRL rehearses stored copies of transformed images, not rows of the
 # benchmark, so from its second experience on its training takes Avalanche's path even under
 # auto (tests/test_data.py); its tensor row is what a user gets by default.
-TENSOR_SIDE = {"icarl": "auto"}
+TENSOR_SIDE = {"avalanche_icarl": "auto"}
 
 RECIPES = {
-    "finetune": "finetune.yaml", "joint": "joint.yaml", "replay": "quickstart.yaml", "icarl": "icarl.yaml",
+    "finetune": "finetune.yaml", "joint": "joint.yaml", "replay": "quickstart.yaml",
+    "avalanche_icarl": "avalanche_icarl.yaml",
     "lwf": "lwf.yaml", "ewc": "ewc.yaml", "ucir": "ucir.yaml", "bic": "bic.yaml", "eeil": "eeil.yaml",
     "il2m": "il2m.yaml", "mas+slnid": "slnid_mas.yaml",
 }

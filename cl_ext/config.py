@@ -118,8 +118,15 @@ class StrategyConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    metrics: list[str] = Field(default_factory=lambda: ["incremental_accuracy"])
+    metrics: list[str | Component] = Field(
+        default_factory=lambda: ["incremental_accuracy"],
+        description="metric names, or {name, options} where a metric takes options "
+        "(e.g. {name: nme_accuracy, options: {flip: true}})",
+    )
     loggers: list[Component] = Field(default_factory=list)
+
+    def metric_components(self) -> list[Component]:
+        return [Component(name=m) if isinstance(m, str) else m for m in self.metrics]
 
 
 class OutputConfig(_Strict):
@@ -167,7 +174,7 @@ def _check_registered(recipe: Recipe, source: str) -> None:
     checks += [("plugin", f"plugins[{i}]", p) for i, p in enumerate(recipe.plugins)]
     checks += [("logger", f"evaluation.loggers[{i}]", lg) for i, lg in enumerate(recipe.evaluation.loggers)]
     checks += [
-        ("metric", f"evaluation.metrics[{i}]", Component(name=m)) for i, m in enumerate(recipe.evaluation.metrics)
+        ("metric", f"evaluation.metrics[{i}]", m) for i, m in enumerate(recipe.evaluation.metric_components())
     ]
     for kind, path, component in checks:
         try:

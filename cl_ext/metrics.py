@@ -254,16 +254,18 @@ class NMEAccuracy(IncrementalAccuracy):
     The class means are computed once per evaluation. With a cl-ext model (whose forward is
     ``classifier(features(x))``) and the default ``feature_fn``, the features are taken from
     the evaluation's own forward pass as they enter the classifier, so the backbone runs once
-    per batch; otherwise ``feature_fn`` computes them again.
+    per batch; otherwise ``feature_fn`` computes them again. ``flip``: the class means also
+    average the exemplars' mirror images (:mod:`cl_ext.nme`).
     """
 
     prefix = "NMEAccuracy"
     result_key = "nme"
 
-    def __init__(self, memory: ExemplarMemory, feature_fn=model_features):
+    def __init__(self, memory: ExemplarMemory, feature_fn=model_features, flip: bool = False):
         super().__init__()
         self.memory = memory
         self.feature_fn = feature_fn
+        self.flip = flip
         self._nme: NMEClassifier | None = None
         self._tap = None
         self._features: torch.Tensor | None = None
@@ -271,7 +273,7 @@ class NMEAccuracy(IncrementalAccuracy):
     def before_eval(self, strategy) -> None:
         super().before_eval(strategy)
         self._nme = nme_from_memory(
-            strategy.model, self.memory, strategy.device, self.feature_fn, tensor_enabled(strategy)
+            strategy.model, self.memory, strategy.device, self.feature_fn, tensor_enabled(strategy), self.flip
         )
         head = getattr(strategy.model, "classifier", None)
         if self._nme is not None and self.feature_fn is model_features and isinstance(head, nn.Module):
@@ -305,8 +307,12 @@ def build_incremental_accuracy(ctx: BuildContext) -> IncrementalAccuracy:
 
 
 @register("metric", "nme_accuracy")
-def build_nme_accuracy(ctx: BuildContext) -> NMEAccuracy:
-    """The same metrics for the nearest-mean-of-exemplars classifier; needs strategy.memory."""
+def build_nme_accuracy(ctx: BuildContext, flip: bool = False) -> NMEAccuracy:
+    """The same metrics for the nearest-mean-of-exemplars classifier; needs strategy.memory.
+
+    flip: class means average each exemplar's features with its horizontal mirror's (iCaRL's
+    CIFAR code does; images only).
+    """
     if ctx.memory is None:
         raise RecipeError("metric 'nme_accuracy' needs an exemplar memory: set strategy.memory")
-    return NMEAccuracy(ctx.memory)
+    return NMEAccuracy(ctx.memory, flip=flip)

@@ -151,10 +151,19 @@ def entries(kind: str) -> list[Entry]:
     return list({id(entry): entry for entry in (_REGISTRY[kind][n] for n in names(kind))}.values())
 
 
+# Names that meant something else before: a recipe still using one gets told where it went.
+RENAMED = {
+    ("strategy", "icarl"): "Avalanche's iCaRL is strategy 'avalanche_icarl'; cl-ext's iCaRL is the plugin 'icarl' "
+    "on strategy 'replay' with strategy.memory (recipes/icarl.yaml)",
+}
+
+
 def get(kind: str, name: str) -> Entry:
     try:
         return _REGISTRY[kind][name]
     except KeyError:
+        if (kind, name) in RENAMED:
+            raise KeyError(f"{kind} {name!r} is no longer registered: {RENAMED[kind, name]}") from None
         known = ", ".join(sorted(_REGISTRY[kind])) or "none"
         raise KeyError(f"unknown {kind} {name!r}; registered: {known}") from None
 

@@ -282,7 +282,7 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     scheduler = make_scheduler_plugin(recipe, ctx.optimizer)
     if scheduler is not None:
         plugins.append(scheduler)
-    metrics = [registry.build("metric", name, ctx) for name in recipe.evaluation.metrics]
+    metrics = [registry.build("metric", m.name, ctx, m.options) for m in recipe.evaluation.metric_components()]
     if not any(type(m) is IncrementalAccuracy for m in metrics):
         metrics.insert(0, IncrementalAccuracy())
     keys = [m.result_key for m in metrics]

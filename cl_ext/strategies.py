@@ -3,7 +3,8 @@
 Builders read the shared settings (epochs, batch sizes, optimizer, plugins, evaluator) from
 the build context; their own keyword arguments are the strategy's ``options``. Any strategy
 gets rehearsal from the cl-ext exemplar memory when the recipe sets ``strategy.memory``,
-except iCaRL, which keeps its own memory (``owns_memory``).
+except Avalanche's iCaRL, which keeps its own memory (``owns_memory``). cl-ext's own iCaRL is
+the plugin ``icarl`` (:mod:`cl_ext.plugins.icarl`).
 """
 
 from __future__ import annotations
@@ -127,15 +128,15 @@ def build_agem(ctx: BuildContext, patterns_per_exp: int = 256, sample_size: int 
     )
 
 
-@register("strategy", "icarl")
-def build_icarl(ctx: BuildContext) -> ICaRL:
+@register("strategy", "avalanche_icarl")
+def build_avalanche_icarl(ctx: BuildContext) -> ICaRL:
     """iCaRL (Rebuffi et al. 2017), Avalanche's implementation with its own herding memory and NCM."""
     memory = ctx.recipe.strategy.memory
     if memory is None or memory.size is None:
-        raise RecipeError("strategy 'icarl' needs strategy.memory.size (its total exemplar budget)")
+        raise RecipeError("strategy 'avalanche_icarl' needs strategy.memory.size (its total exemplar budget)")
     model = ctx.model
     if not (hasattr(model, "backbone") and hasattr(model, "classifier")):
-        raise RecipeError("strategy 'icarl' needs a cl-ext model (with backbone and classifier)")
+        raise RecipeError("strategy 'avalanche_icarl' needs a cl-ext model (with backbone and classifier)")
     kwargs = common_kwargs(ctx)
     kwargs.pop("eval_every")
     # Avalanche's iCaRL loss copies the old model's state into a deep copy of the current one,
@@ -150,4 +151,4 @@ def build_icarl(ctx: BuildContext) -> ICaRL:
     )
 
 
-build_icarl.owns_memory = True
+build_avalanche_icarl.owns_memory = True

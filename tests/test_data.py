@@ -238,7 +238,8 @@ def test_tensor_path_runs_are_deterministic(tiny_recipe_data, tmp_path):
 
 STRATEGIES = {
     "naive": {}, "replay": {}, "joint": {}, "ewc": {}, "lwf": {}, "si": {}, "mas": {},
-    "gem": {"patterns_per_exp": 16}, "agem": {"patterns_per_exp": 16, "sample_size": 16}, "icarl": {},
+    "gem": {"patterns_per_exp": 16}, "agem": {"patterns_per_exp": 16, "sample_size": 16},
+    "avalanche_icarl": {},
 }
 
 
@@ -259,9 +260,9 @@ def test_every_registered_strategy_trains_and_evaluates_on_the_tensor_path(tiny_
     for name, options in STRATEGIES.items():
         data = {**tiny_recipe_data, "strategy": {**tiny_recipe_data["strategy"], "name": name, "epochs": 1, "options": options}}
         data["benchmark"] = {"name": "digits", "options": {"classes_per_exp": 5}}
-        if name not in ("replay", "icarl"):
+        if name not in ("replay", "avalanche_icarl"):
             data["strategy"]["memory"] = None
-        if name == "icarl":
+        if name == "avalanche_icarl":
             data["strategy"]["memory"] = {"size": 40}
         exp = build_experiment(validate_recipe(data))
         exp.strategy.plugins.append(Spy())
@@ -271,7 +272,7 @@ def test_every_registered_strategy_trains_and_evaluates_on_the_tensor_path(tiny_
             exp.strategy.train(benchmark.train_stream[t])
             exp.strategy.eval(benchmark.test_stream[: t + 1])
         by_kind = {kind: {ok for k, ok in served if k == kind} for kind, _ in served}
-        expected = {"train 0": {True}, "train 1": {name != "icarl"}, "eval": {True}}
+        expected = {"train 0": {True}, "train 1": {name != "avalanche_icarl"}, "eval": {True}}
         assert by_kind == expected, name
 
 

@@ -80,7 +80,9 @@ def test_nme_reuses_the_evaluation_forward_and_predicts_the_same(tmp_path, tiny_
 
     reused, reused_calls, exp = run("reuse")
     # Another feature function makes the metric run the backbone again on every evaluation batch.
-    monkeypatch.setattr(metrics_module, "NMEAccuracy", lambda memory: NMEAccuracy(memory, lambda m, x: m.features(x)))
+    monkeypatch.setattr(
+        metrics_module, "NMEAccuracy", lambda memory, flip: NMEAccuracy(memory, lambda m, x: m.features(x), flip)
+    )
     recomputed, recomputed_calls, _ = run("recompute")
     assert reused["nme"] == recomputed["nme"]
     test_stream = exp.ctx.benchmark.benchmark.test_stream

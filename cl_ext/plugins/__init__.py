@@ -3,11 +3,13 @@
 from cl_ext.memory import ExemplarMemoryPlugin
 from cl_ext.plugins.bic import BiCPlugin
 from cl_ext.plugins.eeil import EEILPlugin
+from cl_ext.plugins.icarl import ICaRLPlugin
 from cl_ext.plugins.il2m import IL2MPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.plugins.slnid import SLNIDPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
 __all__ = [
-    "BiCPlugin", "EEILPlugin", "ExemplarMemoryPlugin", "IL2MPlugin", "SLNIDPlugin", "SummedMASPlugin", "UCIRPlugin",
+    "BiCPlugin", "EEILPlugin", "ExemplarMemoryPlugin", "ICaRLPlugin", "IL2MPlugin", "SLNIDPlugin", "SummedMASPlugin",
+    "UCIRPlugin",
 ]
