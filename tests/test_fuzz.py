@@ -179,7 +179,7 @@ def _arrays(draw) -> dict[str, np.ndarray]:
         out[f"y_{split}"] = np.arange(n) % n_classes
     spoils = draw(st.lists(st.sampled_from(SPOILS), max_size=2, unique=True))
     # Emptying and deleting last, so that the other defects have arrays to work on.
-    for spoil in sorted(spoils, key=lambda name: name in ("no images", "missing array")):
+    for spoil in sorted(spoils, key=lambda name: {"no images": 1, "missing array": 2}.get(name, 0)):
         split = draw(st.sampled_from(["train", "test"]))
         x, y = f"x_{split}", f"y_{split}"
         if spoil in ("channels first", "flat images", "test size") and (out[x].ndim != 4 or out["x_test"].ndim != 4):
