@@ -57,7 +57,7 @@ def hidden_activations(model: nn.Module, test_stream, device) -> dict[str, torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/slnid_mas.yaml")
-    parser.add_argument("--root", default="../shared/data", help="folder with mnist.npz")
+    parser.add_argument("--root", default="../shared/data", help="folder with the benchmark's .npz (mnist.npz, cifar10.npz)")
     parser.add_argument("--epochs", type=int, default=None, help="override strategy.epochs")
     parser.add_argument("--train-per-class", type=int, default=None, help="training subset per class and task")
     parser.add_argument("--seed", type=int, default=0)
