@@ -123,33 +123,34 @@ def _permuted_bundle(
     return BenchmarkBundle(benchmark, info)
 
 
-@register("benchmark", "permuted_mnist")
-def build_permuted_mnist(
-    ctx: BuildContext,
-    root: str = "data",
-    download: bool = False,
-    n_experiences: int = 5,
-    permutation_seed: int | None = None,
-    permute_first: bool = False,
-    train_per_class: int | None = None,
-) -> BenchmarkBundle:
-    """Task-incremental permuted MNIST (task labels 0..T-1, 10 classes per task); reads ROOT/mnist.npz if present."""
-    data = torchvision_arrays(datasets.MNIST, Path(root).expanduser(), download, "MNIST", "mnist.npz")
-    return _permuted_bundle(ctx, "permuted_mnist", data, n_experiences, permutation_seed, permute_first, train_per_class)
+def _permuted_builder(name: str, dataset_cls, what: str, npz_name: str, grey: bool):
+    """The registered builder of one permuted benchmark (the options are the same for all)."""
+
+    def build(
+        ctx: BuildContext,
+        root: str = "data",
+        download: bool = False,
+        n_experiences: int = 5,
+        permutation_seed: int | None = None,
+        permute_first: bool = False,
+        train_per_class: int | None = None,
+    ) -> BenchmarkBundle:
+        data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, what, npz_name)
+        if grey:
+            data["x_train"], data["x_test"] = grey_luma(data["x_train"]), grey_luma(data["x_test"])
+        return _permuted_bundle(ctx, name, data, n_experiences, permutation_seed, permute_first, train_per_class)
+
+    return build
 
 
-@register("benchmark", "permuted_cifar10")
-def build_permuted_cifar10(
-    ctx: BuildContext,
-    root: str = "data",
-    download: bool = False,
-    n_experiences: int = 5,
-    permutation_seed: int | None = None,
-    permute_first: bool = False,
-    train_per_class: int | None = None,
-) -> BenchmarkBundle:
-    """Task-incremental permuted grey CIFAR-10, 32x32 = 1024 pixels (task labels 0..T-1, 10 classes per
-    task); reads ROOT/cifar10.npz if present."""
-    data = torchvision_arrays(datasets.CIFAR10, Path(root).expanduser(), download, "CIFAR-10", "cifar10.npz")
-    data["x_train"], data["x_test"] = grey_luma(data["x_train"]), grey_luma(data["x_test"])
-    return _permuted_bundle(ctx, "permuted_cifar10", data, n_experiences, permutation_seed, permute_first, train_per_class)
+build_permuted_mnist = _permuted_builder("permuted_mnist", datasets.MNIST, "MNIST", "mnist.npz", grey=False)
+build_permuted_mnist.__doc__ = (
+    "Task-incremental permuted MNIST (task labels 0..T-1, 10 classes per task); reads ROOT/mnist.npz if present."
+)
+register("benchmark", "permuted_mnist")(build_permuted_mnist)
+build_permuted_cifar10 = _permuted_builder("permuted_cifar10", datasets.CIFAR10, "CIFAR-10", "cifar10.npz", grey=True)
+build_permuted_cifar10.__doc__ = (
+    "Task-incremental permuted grey CIFAR-10, 1024 pixels (task labels 0..T-1, 10 classes per task); "
+    "reads ROOT/cifar10.npz if present."
+)
+register("benchmark", "permuted_cifar10")(build_permuted_cifar10)
