@@ -1,4 +1,4 @@
-"""Accuracy and hidden-layer sparsity with and without SLNID on permuted MNIST.
+"""Accuracy and hidden-layer sparsity with and without SLNID on permuted MNIST (or another benchmark).
 
 Runs a recipe twice through the cl-ext runner, once as written (strategy + SLNID) and once
 with ``plugins=[]`` (the strategy alone), same seed, then feeds every task's test set to
@@ -11,6 +11,7 @@ each final model (with its task label) and measures the hidden ReLU activations:
     python benchmarks/slnid_permuted.py --root ../shared/data                  # paper settings
     python benchmarks/slnid_permuted.py --root ../shared/data --epochs 2 --train-per-class 1000
     python benchmarks/slnid_permuted.py --recipe recipes/slnid_ewc.yaml --root ../shared/data
+    python benchmarks/slnid_permuted.py --root ../shared/data --set benchmark.name=permuted_cifar10
     python benchmarks/slnid_permuted.py --root ../shared/data --epochs 2 \\
         --set 'benchmark={name: split_mnist, options: {classes_per_exp: 2}}' --set model.options.multihead=false
 """
@@ -57,7 +58,7 @@ def hidden_activations(model: nn.Module, test_stream, device) -> dict[str, torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/slnid_mas.yaml")
-    parser.add_argument("--root", default="../shared/data", help="folder with mnist.npz")
+    parser.add_argument("--root", default="../shared/data", help="folder with the benchmark's .npz (mnist.npz, cifar10.npz)")
     parser.add_argument("--epochs", type=int, default=None, help="override strategy.epochs")
     parser.add_argument("--train-per-class", type=int, default=None, help="training subset per class and task")
     parser.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cl_ext import registry
-from cl_ext.benchmarks.permuted import build_permuted_mnist
+from cl_ext.benchmarks.permuted import build_permuted_cifar10, build_permuted_mnist, grey_luma
 from cl_ext.config import validate_recipe
 from cl_ext.context import BuildContext
 from cl_ext.errors import DataNotFoundError
@@ -349,6 +349,61 @@ def test_permuted_mnist_missing_data_is_one_clear_error(tmp_path):
         build_permuted_mnist(_ctx(), root=str(tmp_path / "nowhere"))
 
 
+def test_grey_luma_by_hand():
+    rgb = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30], [255, 255, 255], [0, 0, 250]], dtype=np.uint8)
+    # 76.245, 149.685, 29.07, 18.15, 255, and 28.5: a tie, rounded up (truncation and round-half-even give 28).
+    assert grey_luma(rgb).tolist() == [76, 150, 29, 18, 255, 29]
+    assert grey_luma(rgb).dtype == np.uint8
+
+
+def _fake_cifar10(folder: Path, per_class: int = 3, test_per_class: int = 2) -> Path:
+    rng = np.random.RandomState(1)
+    arrays = {"class_names": np.array(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])}
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        arrays[f"y_{split}"] = np.repeat(np.arange(10), n)
+        arrays[f"x_{split}"] = rng.randint(0, 256, size=(10 * n, 32, 32, 3)).astype(np.uint8)
+    np.savez(folder / "cifar10.npz", **arrays)
+    return folder
+
+
+def test_permuted_cifar10_tasks(tmp_path):
+    root = _fake_cifar10(tmp_path)
+    raw = np.load(root / "cifar10.npz")
+    bundle = build_permuted_cifar10(_ctx(), root=str(root), n_experiences=3, permutation_seed=7)
+    info = bundle.info
+    assert info.name == "permuted_cifar10" and info.task_incremental and info.classes_per_exp == [10, 10, 10]
+    assert info.input_shape == (1, 32, 32) and info.class_names[9] == "truck"
+    stream = bundle.benchmark.train_stream
+    assert [exp.task_label for exp in stream] == [0, 1, 2] and [len(e.dataset) for e in stream] == [30, 30, 30]
+    # Image 4's pixel (row 2, col 5) is (r, g, b) -> its luma, computed here with integers by hand.
+    r, g, b = (int(v) for v in raw["x_train"][4, 2, 5])
+    x0, y0, t0 = stream[0].dataset[4]
+    assert x0.shape == (1, 32, 32) and (y0, t0) == (int(raw["y_train"][4]), 0)
+    assert round(float(x0[0, 2, 5]) * 255) == (299 * r + 587 * g + 114 * b + 500) // 1000  # task 0: not permuted
+    grey = torch.from_numpy(grey_luma(raw["x_train"][4])).float().div(255).flatten()
+    assert torch.equal(x0.flatten(), grey)
+    tasks = [stream[t].dataset[4][0].flatten() for t in range(3)]
+    for t in (1, 2):  # the same pixels, moved: a permutation of task 0's image, and not the same as the other task's
+        assert not torch.equal(tasks[t], grey) and torch.equal(tasks[t].sort().values, grey.sort().values)
+    assert not torch.equal(tasks[1], tasks[2])
+    # One permutation per task, shared by all its images (train and test) and fixed by permutation_seed.
+    perm = [torch.nonzero(tasks[1] == v).flatten() for v in grey]
+    x_other = stream[1].dataset[7][0].flatten()
+    grey_other = torch.from_numpy(grey_luma(raw["x_train"][7])).float().div(255).flatten()
+    assert all(any(x_other[p] == grey_other[i] for p in perm[i].tolist()) for i in range(1024))
+    again = build_permuted_cifar10(_ctx(seed=5), root=str(root), n_experiences=3, permutation_seed=7)
+    assert torch.equal(again.benchmark.test_stream[2].dataset[1][0], bundle.benchmark.test_stream[2].dataset[1][0])
+    first = build_permuted_cifar10(_ctx(), root=str(root), n_experiences=2, permutation_seed=7, permute_first=True)
+    assert not torch.equal(first.benchmark.train_stream[0].dataset[4][0].flatten(), grey)
+    few = build_permuted_cifar10(_ctx(), root=str(root), n_experiences=1, train_per_class=2)
+    assert len(few.benchmark.train_stream[0].dataset) == 20 and len(few.benchmark.test_stream[0].dataset) == 20
+
+
+def test_permuted_cifar10_missing_data_is_one_clear_error(tmp_path):
+    with pytest.raises(DataNotFoundError, match="cifar10.npz"):
+        build_permuted_cifar10(_ctx(), root=str(tmp_path / "nowhere"))
+
+
 @pytest.mark.parametrize(
     "strategy, options",
     [("mas", {"lambda_reg": 0.1}), ("ewc", {"ewc_lambda": 50.0})],
@@ -391,3 +446,15 @@ def test_permuted_mnist_real_data():
     assert [len(e.dataset) for e in bundle.benchmark.train_stream] == [500, 500]
     assert [len(e.dataset) for e in bundle.benchmark.test_stream] == [10000, 10000]
     assert bundle.info.input_shape == (1, 28, 28) and bundle.info.n_classes == 10
+
+
+@pytest.mark.data
+def test_permuted_cifar10_real_data():
+    root = shared_file("cifar10.npz").parent
+    bundle = build_permuted_cifar10(_ctx(), root=str(root), n_experiences=2)
+    assert [len(e.dataset) for e in bundle.benchmark.train_stream] == [10000, 10000]
+    assert [len(e.dataset) for e in bundle.benchmark.test_stream] == [2000, 2000]
+    assert bundle.info.input_shape == (1, 32, 32) and bundle.info.class_names[0] == "airplane"
+    x, _, _ = bundle.benchmark.train_stream[0].dataset[0]
+    raw = np.load(root / "cifar10.npz")["x_train"][0]
+    assert torch.equal(x[0], torch.from_numpy(grey_luma(raw)).float().div(255))

@@ -1,9 +1,11 @@
-"""Permuted MNIST, task-incremental: every task is MNIST with its own fixed pixel permutation.
+"""Permuted MNIST and permuted grey CIFAR-10, task-incremental: every task is the same images
+with its own fixed pixel permutation.
 
-As in Aljundi et al. (ICLR 2019, Sec. 5.1) and their code: the first task is plain MNIST,
+As in Aljundi et al. (ICLR 2019, Sec. 5.1) and their code: the first task is the plain images,
 pixels are scaled to [0, 1] without further normalisation, and every experience carries
 its task label (0..T-1) so a multi-head model (``mlp`` with ``multihead: true``) answers
-with the task's own head. All tasks use the labels 0..9.
+with the task's own head. All tasks use the labels 0..9. Permuted CIFAR-10 is not in the
+paper; it is a second permuted benchmark on other images (CIFAR-10 turned grey, 32x32).
 """
 
 from __future__ import annotations
@@ -80,20 +82,24 @@ def permuted_benchmark(x_train, y_train, x_test, y_test, permutations: list[torc
     return dataset_benchmark(*splits, train_transform=to_float, eval_transform=to_float)
 
 
-@register("benchmark", "permuted_mnist")
-def build_permuted_mnist(
-    ctx: BuildContext,
-    root: str = "data",
-    download: bool = False,
-    n_experiences: int = 5,
-    permutation_seed: int | None = None,
-    permute_first: bool = False,
-    train_per_class: int | None = None,
+def grey_luma(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB images (..., 3) to uint8 grey with the ITU-R 601-2 luma L = 0.299 R + 0.587 G + 0.114 B,
+    the weights of torchvision's ``Grayscale``, rounded half up, in exact integer arithmetic."""
+    # Rounding half up is what PIL's convert("L") does, which torchvision's Grayscale calls on the PIL
+    # images its CIFAR10 dataset yields; PIL's 16-bit fixed-point weights differ from these by 1 on
+    # 0.035% of the shared CIFAR-10 subset's pixels (docs/methods/slnid.md).
+    rgb = rgb.astype(np.int64)
+    luma = 299 * rgb[..., 0] + 587 * rgb[..., 1] + 114 * rgb[..., 2]
+    return ((luma + 500) // 1000).astype(np.uint8)
+
+
+def _permuted_bundle(
+    ctx: BuildContext, name: str, data: dict[str, np.ndarray], n_experiences: int,
+    permutation_seed: int | None, permute_first: bool, train_per_class: int | None,
 ) -> BenchmarkBundle:
-    """Task-incremental permuted MNIST (task labels 0..T-1, 10 classes per task); reads ROOT/mnist.npz if present."""
+    """The task-incremental bundle for uint8 images (N, H, W) in ``data``, one permutation per task."""
     if n_experiences < 1:
         raise RecipeError(f"benchmark.options.n_experiences: must be at least 1, got {n_experiences}")
-    data = torchvision_arrays(datasets.MNIST, Path(root).expanduser(), download, "MNIST", "mnist.npz")
     x_train, x_test = torch.from_numpy(data["x_train"]), torch.from_numpy(data["x_test"])
     y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
     y_test = torch.as_tensor(data["y_test"], dtype=torch.long)
@@ -103,14 +109,48 @@ def build_permuted_mnist(
     perms = task_permutations(n_experiences, x_train[0].numel(), seed, permute_first)
     benchmark = permuted_benchmark(x_train, y_train, x_test, y_test, perms)
     n_classes = int(y_train.max()) + 1
+    class_names = [str(c) for c in data.get("class_names", range(n_classes))]
     info = BenchmarkInfo(
-        name="permuted_mnist",
+        name=name,
         input_shape=(1, *x_train.shape[1:]),
         n_classes=n_classes,
         class_order=list(range(n_classes)),
         # Each task brings its own head of n_classes units, all tasks sharing the labels.
         classes_per_exp=[n_classes] * n_experiences,
-        class_names=[str(c) for c in range(n_classes)],
+        class_names=class_names,
         task_incremental=True,
     )
     return BenchmarkBundle(benchmark, info)
+
+
+def _permuted_builder(name: str, dataset_cls, what: str, npz_name: str, grey: bool):
+    """The registered builder of one permuted benchmark (the options are the same for all)."""
+
+    def build(
+        ctx: BuildContext,
+        root: str = "data",
+        download: bool = False,
+        n_experiences: int = 5,
+        permutation_seed: int | None = None,
+        permute_first: bool = False,
+        train_per_class: int | None = None,
+    ) -> BenchmarkBundle:
+        data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, what, npz_name)
+        if grey:
+            data["x_train"], data["x_test"] = grey_luma(data["x_train"]), grey_luma(data["x_test"])
+        return _permuted_bundle(ctx, name, data, n_experiences, permutation_seed, permute_first, train_per_class)
+
+    return build
+
+
+build_permuted_mnist = _permuted_builder("permuted_mnist", datasets.MNIST, "MNIST", "mnist.npz", grey=False)
+build_permuted_mnist.__doc__ = (
+    "Task-incremental permuted MNIST (task labels 0..T-1, 10 classes per task); reads ROOT/mnist.npz if present."
+)
+register("benchmark", "permuted_mnist")(build_permuted_mnist)
+build_permuted_cifar10 = _permuted_builder("permuted_cifar10", datasets.CIFAR10, "CIFAR-10", "cifar10.npz", grey=True)
+build_permuted_cifar10.__doc__ = (
+    "Task-incremental permuted grey CIFAR-10, 1024 pixels (task labels 0..T-1, 10 classes per task); "
+    "reads ROOT/cifar10.npz if present."
+)
+register("benchmark", "permuted_cifar10")(build_permuted_cifar10)
