@@ -458,3 +458,14 @@ def test_permuted_cifar10_real_data():
     x, _, _ = bundle.benchmark.train_stream[0].dataset[0]
     raw = np.load(root / "cifar10.npz")["x_train"][0]
     assert torch.equal(x[0], torch.from_numpy(grey_luma(raw)).float().div(255))
+
+
+def test_unknown_layers_and_out_of_range_options_are_refused_before_the_run(tiny_recipe_data):
+    from cl_ext.errors import RecipeError
+
+    tiny_recipe_data["plugins"] = [{"name": "slnid", "options": {"layers": ["ReLU", "backbone.nope"]}}]
+    with pytest.raises(RecipeError, match=r"layers \['backbone.nope'\] are neither module names nor class names"):
+        build_experiment(validate_recipe(tiny_recipe_data))
+    tiny_recipe_data["plugins"] = [{"name": "slnid", "options": {"scale": 0}}]
+    with pytest.raises(RecipeError, match=r"plugins\[0\].options.scale: Input should be greater than 0"):
+        validate_recipe(tiny_recipe_data)

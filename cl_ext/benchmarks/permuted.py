@@ -11,15 +11,17 @@ paper; it is a second permuted benchmark on other images (CIFAR-10 turned grey, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from avalanche.benchmarks import dataset_benchmark
+from pydantic import Field
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 from cl_ext.benchmarks.common import cap_per_class
-from cl_ext.benchmarks.vision import torchvision_arrays
+from cl_ext.benchmarks.vision import Download, PerClass, Root, torchvision_arrays
 from cl_ext.context import BenchmarkBundle, BenchmarkInfo, BuildContext
 from cl_ext.data import ImagePipeline, with_sample_ids
 from cl_ext.errors import RecipeError
@@ -128,12 +130,12 @@ def _permuted_builder(name: str, dataset_cls, what: str, npz_name: str, grey: bo
 
     def build(
         ctx: BuildContext,
-        root: str = "data",
-        download: bool = False,
-        n_experiences: int = 5,
-        permutation_seed: int | None = None,
-        permute_first: bool = False,
-        train_per_class: int | None = None,
+        root: Root = "data",
+        download: Download = False,
+        n_experiences: Annotated[int, Field(ge=1, description="number of tasks (the authors' demos: 5)")] = 5,
+        permutation_seed: Annotated[int | None, Field(description="seed of the pixel permutations (null: the recipe's seed)")] = None,
+        permute_first: Annotated[bool, Field(description="permute the first task too (the authors keep it plain)")] = False,
+        train_per_class: PerClass = None,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, what, npz_name)
         if grey:

@@ -23,10 +23,11 @@ penalty is one matrix product per layer.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
+from pydantic import Field
 from avalanche.models.utils import avalanche_forward
 from torch import nn
 
@@ -34,6 +35,7 @@ from cl_ext.context import BuildContext
 from cl_ext.data import loader, tensor_enabled
 from cl_ext.progress import phase
 from cl_ext.randomness import measurement
+from cl_ext.errors import RecipeError
 from cl_ext.registry import register
 from cl_ext.training import record_loss_terms
 
@@ -322,10 +324,19 @@ class SLNIDPlugin(SupervisedPlugin):
 @register("plugin", "slnid")
 def build_slnid(
     ctx: BuildContext,
-    lambda_ssl: float = 1e-3,
-    scale: float | None = 6.0,
-    discount: Discount = "sum",
-    layers: list[str] | None = None,
+    lambda_ssl: Annotated[float, Field(ge=0, description="weight λ_SSL of the regulariser (authors: 1e-3 with MAS, 2e-3 with EWC)")] = 1e-3,
+    scale: Annotated[float | None, Field(gt=0, description="σ = N / scale of the local inhibition (authors: 6); null: the whole layer (SNID)")] = 6.0,
+    discount: Annotated[Discount, Field(description="sum: exp(-(α_i+α_j)) (paper); min: min(exp(-α_i), exp(-α_j)) (authors' code); none: SLNI")] = "sum",
+    layers: Annotated[list[str] | None, Field(description="module names or class names to regularise (null: every fully connected ReLU)")] = None,
 ) -> SLNIDPlugin:
     """SLNID sparsity regulariser (Aljundi et al., ICLR 2019); pair it with MAS or EWC."""
+    if layers is not None and ctx.model is not None:
+        # Known now, before a run folder exists; the plugin itself would only find out in training.
+        names = {n for n, _ in ctx.model.named_modules()} | {type(m).__name__ for m in ctx.model.modules()}
+        unknown = [layer for layer in layers if layer not in names]
+        if unknown:
+            raise RecipeError(
+                f"plugins: slnid: layers {unknown} are neither module names nor class names of the model; "
+                f"e.g. {', '.join(sorted(n for n in names if n)[:8])}"
+            )
     return SLNIDPlugin(lambda_ssl=lambda_ssl, scale=scale, discount=discount, layers=layers)
