@@ -9,7 +9,7 @@ the plugin ``icarl`` (:mod:`cl_ext.plugins.icarl`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from avalanche.training import (
@@ -23,6 +23,7 @@ from avalanche.training import (
     SynapticIntelligence,
 )
 from avalanche.training.supervised.cumulative import Cumulative
+from pydantic import Field
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
@@ -71,9 +72,9 @@ def build_cumulative(ctx: BuildContext) -> Cumulative:
 @register("strategy", "ewc")
 def build_ewc(
     ctx: BuildContext,
-    ewc_lambda: float = 5000.0,
-    mode: Literal["separate", "online"] = "separate",
-    decay_factor: float | None = None,
+    ewc_lambda: Annotated[float, Field(ge=0, description="weight of the EWC penalty (Avalanche's; see slnid_ewc.yaml for the SLNID authors' scale)")] = 5000.0,
+    mode: Annotated[Literal["separate", "online"], Field(description="separate: a penalty per task; online: one Fisher, decayed and summed")] = "separate",
+    decay_factor: Annotated[float | None, Field(ge=0, le=1, description="online mode: the old Fisher's weight (1: summed, as the SLNID authors)")] = None,
 ) -> EWC:
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
     return EWC(
@@ -83,13 +84,21 @@ def build_ewc(
 
 
 @register("strategy", "lwf")
-def build_lwf(ctx: BuildContext, alpha: float = 1.0, temperature: float = 2.0) -> LwF:
+def build_lwf(
+    ctx: BuildContext,
+    alpha: Annotated[float, Field(ge=0, description="weight of the distillation term")] = 1.0,
+    temperature: Annotated[float, Field(gt=0, description="distillation temperature")] = 2.0,
+) -> LwF:
     """Learning without Forgetting (Li & Hoiem 2016)."""
     return LwF(ctx.model, criterion=_criterion(), alpha=alpha, temperature=temperature, **common_kwargs(ctx))
 
 
 @register("strategy", "si")
-def build_si(ctx: BuildContext, si_lambda: float = 1.0, eps: float = 1e-7) -> SynapticIntelligence:
+def build_si(
+    ctx: BuildContext,
+    si_lambda: Annotated[float, Field(ge=0, description="weight of the SI penalty")] = 1.0,
+    eps: Annotated[float, Field(gt=0, description="damping of the importance denominator")] = 1e-7,
+) -> SynapticIntelligence:
     """Synaptic Intelligence (Zenke et al. 2017)."""
     return SynapticIntelligence(ctx.model, criterion=_criterion(), si_lambda=si_lambda, eps=eps, **common_kwargs(ctx))
 
@@ -97,9 +106,9 @@ def build_si(ctx: BuildContext, si_lambda: float = 1.0, eps: float = 1e-7) -> Sy
 @register("strategy", "mas")
 def build_mas(
     ctx: BuildContext,
-    lambda_reg: float = 1.0,
-    alpha: float = 0.5,
-    accumulate: Literal["average", "sum"] = "average",
+    lambda_reg: Annotated[float, Field(ge=0, description="weight of the MAS penalty (MAS/SLNID authors: 0.1)")] = 1.0,
+    alpha: Annotated[float, Field(ge=0, le=1, description="accumulate: average only, the old importance's weight (Avalanche's 0.5)")] = 0.5,
+    accumulate: Annotated[Literal["average", "sum"], Field(description="average: Avalanche's MASPlugin; sum: the MAS/SLNID authors'")] = "average",
 ) -> MAS | Naive:
     """Memory Aware Synapses (Aljundi et al. 2018); importance summed (authors) or averaged (Avalanche)."""
     if accumulate == "average":
@@ -111,7 +120,11 @@ def build_mas(
 
 
 @register("strategy", "gem")
-def build_gem(ctx: BuildContext, patterns_per_exp: int = 256, memory_strength: float = 0.5) -> GEM:
+def build_gem(
+    ctx: BuildContext,
+    patterns_per_exp: Annotated[int, Field(ge=1, description="patterns kept per experience for the constraints")] = 256,
+    memory_strength: Annotated[float, Field(ge=0, description="offset added to the projection (GEM's γ)")] = 0.5,
+) -> GEM:
     """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017)."""
     return GEM(
         ctx.model, criterion=_criterion(), patterns_per_exp=patterns_per_exp,
@@ -120,7 +133,11 @@ def build_gem(ctx: BuildContext, patterns_per_exp: int = 256, memory_strength: f
 
 
 @register("strategy", "agem")
-def build_agem(ctx: BuildContext, patterns_per_exp: int = 256, sample_size: int = 256) -> AGEM:
+def build_agem(
+    ctx: BuildContext,
+    patterns_per_exp: Annotated[int, Field(ge=1, description="patterns kept per experience")] = 256,
+    sample_size: Annotated[int, Field(ge=1, description="patterns drawn for the reference gradient")] = 256,
+) -> AGEM:
     """Averaged GEM (Chaudhry et al. 2019)."""
     return AGEM(
         ctx.model, criterion=_criterion(), patterns_per_exp=patterns_per_exp,
