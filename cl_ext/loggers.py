@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -318,6 +320,18 @@ def run_dir_artifact(folder: Path, run_name: str):
     return artifact
 
 
+def _wandb_login_found() -> bool:
+    """An API key in the environment, or in the netrc file that ``wandb login`` writes for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 @register("logger", "wandb")
 def build_wandb_logger(
     ctx: BuildContext,
@@ -332,6 +346,12 @@ def build_wandb_logger(
 ) -> WandbLogger:
     """Weights & Biases: per-step metrics, accuracy matrix, charts, run files (offline unless mode/WANDB_MODE)."""
     recipe = ctx.recipe
+    if (mode or os.environ.get("WANDB_MODE")) == "online" and not _wandb_login_found():
+        # wandb would ask for a key in the middle of the run (or fail there without a terminal).
+        raise RecipeError(
+            "evaluation.loggers: wandb: mode online needs a W&B login on this machine (run `wandb login`, or set "
+            "WANDB_API_KEY); or log offline (the default) and upload later with `cl-ext sync RUN_DIR`"
+        )
 
     def run_dir() -> Path | None:
         return ctx.run_dir

@@ -251,3 +251,26 @@ def test_text_logger_opens_its_file_once_the_run_dir_exists(tmp_path):
     print("-- >> Start of training phase << --", file=logger.file)
     assert (tmp_path / "avalanche_log.txt").read_text() == "-- >> Start of training phase << --\n"
     logger.close()
+
+
+def test_online_without_a_login_is_refused_before_the_run(tmp_path, monkeypatch, tiny_recipe_data):
+    import yaml
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    tiny_recipe_data["evaluation"] = {"loggers": [{"name": "wandb", "options": {"mode": "online"}}]}
+    tiny_recipe_data["output"]["dir"] = str(tmp_path / "runs")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_data))
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 1 and "mode online needs a W&B login" in " ".join(result.output.split())
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    from cl_ext.loggers import _wandb_login_found
+
+    assert _wandb_login_found()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not _wandb_login_found()
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert _wandb_login_found()
