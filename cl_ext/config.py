@@ -37,6 +37,14 @@ class OptimizerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     nesterov: bool = False
 
+    @model_validator(mode="after")
+    def _sgd_only(self) -> "OptimizerConfig":
+        # Adam would ignore both without a word. The default momentum passes: a resolved recipe
+        # (every default written out) must load again.
+        if self.name != "sgd" and (self.nesterov or self.momentum != 0.9):
+            raise ValueError(f"momentum and nesterov apply to sgd only ({self.name} has its own betas)")
+        return self
+
 
 class LRScheduleConfig(_Strict):
     """Per-epoch schedule, restarted at every experience."""

@@ -35,6 +35,8 @@ def test_defaults_are_filled_and_name_comes_from_file(tmp_path, tiny_recipe_data
         (lambda d: d["strategy"]["optimizer"].update(lr=-1), "strategy.optimizer.lr: Input should be greater than 0"),
         (lambda d: d.update(evaluation={"metrics": ["acc"]}), "evaluation.metrics[0].name: unknown metric 'acc'"),
         (lambda d: d.update(seed=True), "seed: Input should be a valid integer"),
+        (lambda d: d["strategy"]["optimizer"].update(name="adam", momentum=0.5), "momentum and nesterov apply to sgd only"),
+        (lambda d: d["strategy"]["optimizer"].update(name="adamw", nesterov=True), "momentum and nesterov apply to sgd only"),
         (lambda d: d["output"].update(name="../../x"), "output.name: Value error, must be a plain name"),
         (lambda d: d["output"].update(name="a/b"), "output.name: Value error, must be a plain name"),
     ],
