@@ -165,6 +165,10 @@ class Recipe(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    def method_label(self) -> str:
+        """The method a run is named by in metrics.json, reports and W&B tags: ``replay+ucir``."""
+        return "+".join([self.strategy.name] + [p.name for p in self.plugins])
+
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""

@@ -26,7 +26,6 @@ from cl_ext.metrics import IncrementalAccuracy
 from cl_ext.randomness import isolated
 from cl_ext.registry import register
 from cl_ext.report import HEADLINE, plugin_step_tables, step_records
-from cl_ext.runner import method_label
 
 PathSource = str | Path | Callable[[], "str | Path | None"] | None
 
@@ -360,7 +359,7 @@ def build_wandb_logger(
         project=project,
         name=name or recipe.output.name,
         entity=entity,
-        tags=[method_label(recipe), recipe.benchmark.name, *tags],
+        tags=[recipe.method_label(), recipe.benchmark.name, *tags],
         group=group,
         notes=notes,
         config=recipe_to_dict(recipe),

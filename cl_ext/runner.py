@@ -400,15 +400,10 @@ def new_run_dir(recipe: Recipe) -> Path:
     raise AssertionError("unreachable")
 
 
-def method_label(recipe: Recipe) -> str:
-    parts = [recipe.strategy.name] + [p.name for p in recipe.plugins]
-    return "+".join(parts)
-
-
 def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) -> dict[str, Any]:
     main = exp.headline
     out: dict[str, Any] = {
-        "method": method_label(exp.recipe),
+        "method": exp.recipe.method_label(),
         "run_name": exp.recipe.output.name,
         "benchmark": exp.ctx.info.to_dict(),
         "completed_experiences": len(wall_times),
