@@ -30,13 +30,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import avalanche.training.plugins.bic as avalanche_bic
 import numpy as np
 import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
-
-import avalanche.training.plugins.bic as avalanche_bic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cl_ext, not an installed one
 from cl_ext.config import validate_recipe
@@ -59,32 +58,41 @@ def recipe(args, method: str, seed: int):
     if args.benchmark == "digits":
         benchmark = {"name": "digits", "options": {"classes_per_exp": args.classes_per_exp, "class_order": "seed"}}
     else:
-        benchmark = {"name": "split_mnist", "options": {
-            "root": args.data_root, "classes_per_exp": args.classes_per_exp, "class_order": "seed",
-            "train_per_class": args.train_per_class,
-        }}
+        benchmark = {
+            "name": "split_mnist",
+            "options": {
+                "root": args.data_root,
+                "classes_per_exp": args.classes_per_exp,
+                "class_order": "seed",
+                "train_per_class": args.train_per_class,
+            },
+        }
     ours = not method.startswith("avalanche")
     bic_options = {"stage2_epochs": args.stage2_epochs, **dict(args.bic_option)}
-    plugins = {"bic": [{"name": "bic", "options": bic_options}],
-               "il2m": [{"name": "il2m"}],
-               "il2m_logits": [{"name": "il2m", "options": {"scores": "logits"}}]}.get(method, [])
-    return validate_recipe({
-        "seed": seed,
-        "device": "cpu",
-        "benchmark": benchmark,
-        "model": {"name": "mlp", "options": {"hidden": args.hidden}},
-        "strategy": {
-            "name": "replay" if ours else "naive",
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "eval_batch_size": 1000,
-            "optimizer": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay},
-            "lr_schedule": {"name": "multistep", "milestones": args.milestones, "gamma": 0.1},
-            "memory": {"size": args.memory, "selection": args.selection} if ours else None,
-        },
-        "plugins": plugins,
-        "output": {"report": False, "checkpoint": False},
-    })
+    plugins = {
+        "bic": [{"name": "bic", "options": bic_options}],
+        "il2m": [{"name": "il2m"}],
+        "il2m_logits": [{"name": "il2m", "options": {"scores": "logits"}}],
+    }.get(method, [])
+    return validate_recipe(
+        {
+            "seed": seed,
+            "device": "cpu",
+            "benchmark": benchmark,
+            "model": {"name": "mlp", "options": {"hidden": args.hidden}},
+            "strategy": {
+                "name": "replay" if ours else "naive",
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "eval_batch_size": 1000,
+                "optimizer": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay},
+                "lr_schedule": {"name": "multistep", "milestones": args.milestones, "gamma": 0.1},
+                "memory": {"size": args.memory, "selection": args.selection} if ours else None,
+            },
+            "plugins": plugins,
+            "output": {"report": False, "checkpoint": False},
+        }
+    )
 
 
 @contextmanager
@@ -141,7 +149,10 @@ def run(args, method: str, seed: int) -> dict:
         avalanche_bic.MultiStepLR = MultiStepLRWithoutVerbose
         avalanche_plugin = avalanche_bic.BiCPlugin(
             mem_size=args.memory if method == "avalanche_bic" else same_total_mem_size(args.memory),
-            val_percentage=0.1, T=2, stage_2_epochs=args.stage2_epochs, lr=0.1,
+            val_percentage=0.1,
+            T=2,
+            stage_2_epochs=args.stage2_epochs,
+            lr=0.1,
         )
         strategy.plugins.insert(strategy.plugins.index(exp.ctx.evaluator), avalanche_plugin)
     stream = exp.ctx.benchmark.benchmark
@@ -197,12 +208,16 @@ def print_tables(runs: list[dict], seeds: list[int]) -> None:
     print("|---|---|---|---|")
     for method, rs in by_method.items():
         if rs:
-            print(f"| {method} | {pct([r['average_incremental_accuracy'] for r in rs])} | "
-                  f"{pct([r['final_accuracy'] for r in rs])} | {np.mean([r['wall_time_s'] for r in rs]):.1f} |")
+            print(
+                f"| {method} | {pct([r['average_incremental_accuracy'] for r in rs])} | "
+                f"{pct([r['final_accuracy'] for r in rs])} | {np.mean([r['wall_time_s'] for r in rs]):.1f} |"
+            )
     print("\nPer step (mean over seeds): share of test predictions in the newest classes, old / new accuracy (%).")
     print("'raw' = the same model with its correction switched off.")
-    print("\n| step | method | share raw | share corrected | old raw | old corrected | new raw | new corrected "
-          "| alpha | beta |")
+    print(
+        "\n| step | method | share raw | share corrected | old raw | old corrected | new raw | new corrected "
+        "| alpha | beta |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     n_steps = len(runs[0]["steps"])
     for t in range(1, n_steps):
@@ -211,16 +226,18 @@ def print_tables(runs: list[dict], seeds: list[int]) -> None:
                 continue
             rows = [r["steps"][t] for r in rs]
 
-            def col(kind, key):
+            def col(kind, key, rows=rows):
                 return pct([row[kind][key] for row in rows if kind in row])
 
             alpha = np.mean([row["alpha"] for row in rows]) if all("alpha" in row for row in rows) else None
             beta = np.mean([row["beta"] for row in rows]) if all("beta" in row for row in rows) else None
-            print(f"| {t} | {method} | {col('raw', 'new_prediction_share')} | "
-                  f"{col('corrected', 'new_prediction_share')} | "
-                  f"{col('raw', 'old_accuracy')} | {col('corrected', 'old_accuracy')} | {col('raw', 'new_accuracy')} | "
-                  f"{col('corrected', 'new_accuracy')} | {'-' if alpha is None else f'{alpha:.3f}'} | "
-                  f"{'-' if beta is None else f'{beta:.3f}'} |")
+            print(
+                f"| {t} | {method} | {col('raw', 'new_prediction_share')} | "
+                f"{col('corrected', 'new_prediction_share')} | "
+                f"{col('raw', 'old_accuracy')} | {col('corrected', 'old_accuracy')} | {col('raw', 'new_accuracy')} | "
+                f"{col('corrected', 'new_accuracy')} | {'-' if alpha is None else f'{alpha:.3f}'} | "
+                f"{'-' if beta is None else f'{beta:.3f}'} |"
+            )
 
 
 def plot_bias(runs: list[dict], path: Path, title: str) -> None:
@@ -230,8 +247,11 @@ def plot_bias(runs: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("new_prediction_share", "share of predictions in the newest classes (%)"),
-              ("old_accuracy", "old-class accuracy (%)"), ("new_accuracy", "new-class accuracy (%)"))
+    panels = (
+        ("new_prediction_share", "share of predictions in the newest classes (%)"),
+        ("old_accuracy", "old-class accuracy (%)"),
+        ("new_accuracy", "new-class accuracy (%)"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     steps = list(range(1, len(runs[0]["steps"])))
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -276,9 +296,14 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stage2-epochs", type=int, default=200)
-    parser.add_argument("--bic-option", action="append", default=[], metavar="KEY=VALUE",
-                        type=lambda text: (text.split("=", 1)[0], yaml.safe_load(text.split("=", 1)[1])),
-                        help="another option of the bic plugin (repeatable; the value is read as YAML)")
+    parser.add_argument(
+        "--bic-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=lambda text: (text.split("=", 1)[0], yaml.safe_load(text.split("=", 1)[1])),
+        help="another option of the bic plugin (repeatable; the value is read as YAML)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
@@ -290,13 +315,20 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             result = run(args, method, seed)
-            print(f"seed {seed} {method:24s} avg inc {100 * result['average_incremental_accuracy']:.2f}%  "
-                  f"final {100 * result['final_accuracy']:.2f}%  {result['wall_time_s']:.1f}s", flush=True)
+            print(
+                f"seed {seed} {method:24s} avg inc {100 * result['average_incremental_accuracy']:.2f}%  "
+                f"final {100 * result['final_accuracy']:.2f}%  {result['wall_time_s']:.1f}s",
+                flush=True,
+            )
             runs.append(result)
     print_tables(runs, args.seeds)
     if args.plot is not None:
-        plot_bias(runs, args.plot, f"{args.benchmark}: {len(runs[0]['steps'])} steps, memory {args.memory} "
-                  f"({args.selection}), mean over seeds {args.seeds}")
+        plot_bias(
+            runs,
+            args.plot,
+            f"{args.benchmark}: {len(runs[0]['steps'])} steps, memory {args.memory} "
+            f"({args.selection}), mean over seeds {args.seeds}",
+        )
     if args.out is not None:
         args.out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
 

@@ -58,10 +58,17 @@ PATHS = ("avalanche", "tensor")
 TENSOR_SIDE = {"avalanche_icarl": "auto"}
 
 RECIPES = {
-    "finetune": "finetune.yaml", "joint": "joint.yaml", "replay": "quickstart.yaml",
+    "finetune": "finetune.yaml",
+    "joint": "joint.yaml",
+    "replay": "quickstart.yaml",
     "avalanche_icarl": "avalanche_icarl.yaml",
-    "lwf": "lwf.yaml", "ewc": "ewc.yaml", "ucir": "ucir.yaml", "bic": "bic.yaml", "eeil": "eeil.yaml",
-    "il2m": "il2m.yaml", "mas+slnid": "slnid_mas.yaml",
+    "lwf": "lwf.yaml",
+    "ewc": "ewc.yaml",
+    "ucir": "ucir.yaml",
+    "bic": "bic.yaml",
+    "eeil": "eeil.yaml",
+    "il2m": "il2m.yaml",
+    "mas+slnid": "slnid_mas.yaml",
 }
 
 # One CPU-sized schedule per benchmark for every class-incremental recipe: the quickstart's on
@@ -71,14 +78,18 @@ SCHEDULES: dict[str, list[str]] = {
     "digits": [
         "benchmark={name: digits, options: {classes_per_exp: 2}}",
         "model={name: mlp, options: {hidden: [128, 128]}}",
-        "strategy.epochs=15", "strategy.batch_size=32", "strategy.eval_batch_size=256",
+        "strategy.epochs=15",
+        "strategy.batch_size=32",
+        "strategy.eval_batch_size=256",
         "strategy.optimizer={name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}",
         "strategy.lr_schedule={name: multistep, milestones: [10], gamma: 0.1}",
     ],
     "mnist": [
         "benchmark={name: split_mnist, options: {root: DATA, classes_per_exp: 2, train_per_class: 1000}}",
         "model={name: mlp, options: {hidden: [256, 256]}}",
-        "strategy.epochs=5", "strategy.batch_size=64", "strategy.eval_batch_size=1000",
+        "strategy.epochs=5",
+        "strategy.batch_size=64",
+        "strategy.eval_batch_size=1000",
         "strategy.optimizer={name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0005}",
         "strategy.lr_schedule={name: multistep, milestones: [4], gamma: 0.1}",
     ],
@@ -91,14 +102,24 @@ EEIL_AS_MEASURED = ["plugins.0.options.multiplicity=1", "plugins.0.options.gradi
 # CIFAR-100's normalisation before its photometric jitter, here the benchmark's own.
 METHOD_OVERRIDES: dict[str, dict[str, list[str]]] = {
     "digits": {
-        "eeil": ["plugins.0.options.finetune_epochs=10", "plugins.0.options.finetune_milestones=[7]",
-                 "plugins.0.options.augment_mean=[0.5]", "plugins.0.options.augment_std=[0.5]", *EEIL_AS_MEASURED],
+        "eeil": [
+            "plugins.0.options.finetune_epochs=10",
+            "plugins.0.options.finetune_milestones=[7]",
+            "plugins.0.options.augment_mean=[0.5]",
+            "plugins.0.options.augment_std=[0.5]",
+            *EEIL_AS_MEASURED,
+        ],
         "ucir": ["plugins.0.options.finetune_epochs=10", "plugins.0.options.finetune_milestones=[7]"],
         "bic": ["plugins.0.options.stage2_epochs=30", "plugins.0.options.stage2_milestones=[10, 20]"],
     },
     "mnist": {
-        "eeil": ["plugins.0.options.finetune_epochs=4", "plugins.0.options.finetune_milestones=[3]",
-                 "plugins.0.options.augment_mean=[0.1307]", "plugins.0.options.augment_std=[0.3081]", *EEIL_AS_MEASURED],
+        "eeil": [
+            "plugins.0.options.finetune_epochs=4",
+            "plugins.0.options.finetune_milestones=[3]",
+            "plugins.0.options.augment_mean=[0.1307]",
+            "plugins.0.options.augment_std=[0.3081]",
+            *EEIL_AS_MEASURED,
+        ],
         "ucir": ["plugins.0.options.finetune_epochs=4", "plugins.0.options.finetune_milestones=[3]"],
         "bic": ["plugins.0.options.stage2_epochs=30", "plugins.0.options.stage2_milestones=[10, 20]"],
         # SLNID is task-incremental: its MNIST row is permuted MNIST with the recipe's own model
@@ -118,8 +139,12 @@ def overrides(benchmark: str, method: str, data_path: str, seed: int, data: str)
     if data_path == "tensor":
         data_path = TENSOR_SIDE.get(method, "tensor")
     return [o.replace("DATA", data) for o in out] + [
-        f"seed={seed}", "device=cpu", f"strategy.data_path={data_path}",
-        "output.report=false", "output.checkpoint=false", "evaluation.loggers=[]",
+        f"seed={seed}",
+        "device=cpu",
+        f"strategy.data_path={data_path}",
+        "output.report=false",
+        "output.checkpoint=false",
+        "evaluation.loggers=[]",
     ]
 
 
@@ -131,11 +156,18 @@ def describe(benchmarks: list[str], methods: list[str], data: str) -> str:
     """The schedule of every run, as the overrides applied to the recipes."""
     lines = []
     for benchmark in benchmarks:
-        lines.append(f"{benchmark}, every class-incremental recipe: " + "; ".join(SCHEDULES[benchmark]).replace("DATA", data)
-                     + f"; strategy.memory.size={MEMORY_SIZE[benchmark]} where the recipe gives a size")
-        lines += [f"  {m}: " + "; ".join(METHOD_OVERRIDES[benchmark][m]).replace("DATA", data)
-                  + (f" (instead of the above; otherwise recipes/{RECIPES[m]} as written)" if m in OWN_SCHEDULE else "")
-                  for m in methods if m in METHOD_OVERRIDES[benchmark]]
+        lines.append(
+            f"{benchmark}, every class-incremental recipe: "
+            + "; ".join(SCHEDULES[benchmark]).replace("DATA", data)
+            + f"; strategy.memory.size={MEMORY_SIZE[benchmark]} where the recipe gives a size"
+        )
+        lines += [
+            f"  {m}: "
+            + "; ".join(METHOD_OVERRIDES[benchmark][m]).replace("DATA", data)
+            + (f" (instead of the above; otherwise recipes/{RECIPES[m]} as written)" if m in OWN_SCHEDULE else "")
+            for m in methods
+            if m in METHOD_OVERRIDES[benchmark]
+        ]
     return "\n".join(lines)
 
 
@@ -182,7 +214,7 @@ def run_job(job: dict[str, Any], threads: int) -> dict[str, Any]:
     recipe = load_recipe(ROOT / "recipes" / RECIPES[job["method"]], job["overrides"])
     start = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory() as tmp, (same_shuffles() if job.get("same_shuffles") else nullcontext()):
+        with tempfile.TemporaryDirectory() as tmp, same_shuffles() if job.get("same_shuffles") else nullcontext():
             metrics = run_experiment(build_experiment(recipe), Path(tmp))
     except Exception as err:  # one failed run must not cost the other runs' results
         return {**job, "error": f"{type(err).__name__}: {err}"}
@@ -194,8 +226,9 @@ def summary(values: list[float]) -> tuple[float, float]:
 
 
 def compare(runs: list[dict[str, Any]], benchmark: str, method: str) -> dict[str, Any] | None:
-    by_path = {p: [r for r in runs if (r["benchmark"], r["method"], r["data_path"]) == (benchmark, method, p)]
-               for p in PATHS}
+    by_path = {
+        p: [r for r in runs if (r["benchmark"], r["method"], r["data_path"]) == (benchmark, method, p)] for p in PATHS
+    }
     if not all(by_path.values()):
         return None
     row: dict[str, Any] = {"benchmark": benchmark, "method": method}
@@ -208,7 +241,8 @@ def compare(runs: list[dict[str, Any]], benchmark: str, method: str) -> dict[str
             "final_accuracy": [r["metrics"]["final_accuracy"] for r in rs],
             "wall_s": [r["metrics"]["total_wall_time"] for r in rs],
             "build_and_run_s": [r["build_and_run_s"] for r in rs],
-            "mean": summary(aia)[0], "std": summary(aia)[1],
+            "mean": summary(aia)[0],
+            "std": summary(aia)[1],
         }
     a, t = row["avalanche"], row["tensor"]
     row["difference"] = t["mean"] - a["mean"]
@@ -258,9 +292,14 @@ def main() -> None:
     parser.add_argument("--benchmarks", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
     parser.add_argument("--methods", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--checks", nargs="+", choices=CHECKS, default=["paths", "determinism"],
-                        help="paths: the tables; determinism: replay twice on the tensor path (first seed); "
-                        "same-shuffles: each method on both paths with equal shuffles (first seed)")
+    parser.add_argument(
+        "--checks",
+        nargs="+",
+        choices=CHECKS,
+        default=["paths", "determinism"],
+        help="paths: the tables; determinism: replay twice on the tensor path (first seed); "
+        "same-shuffles: each method on both paths with equal shuffles (first seed)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--data", default="/work/shared/data", help="folder with mnist.npz")
@@ -268,8 +307,15 @@ def main() -> None:
     args = parser.parse_args()
 
     def job(check: str, benchmark: str, method: str, path: str, seed: int) -> dict[str, Any]:
-        return {"check": check, "benchmark": benchmark, "method": method, "data_path": path, "seed": seed,
-                "same_shuffles": check == "same-shuffles", "overrides": overrides(benchmark, method, path, seed, args.data)}
+        return {
+            "check": check,
+            "benchmark": benchmark,
+            "method": method,
+            "data_path": path,
+            "seed": seed,
+            "same_shuffles": check == "same-shuffles",
+            "overrides": overrides(benchmark, method, path, seed, args.data),
+        }
 
     methods = {b: [m for m in args.methods if applies(b, m)] for b in args.benchmarks}
     first = args.seeds[0]
@@ -277,8 +323,13 @@ def main() -> None:
     # A seed's two paths are queued side by side, so they tend to run at the same time and
     # see the same machine load: their wall times compare.
     if "paths" in args.checks:
-        jobs += [job("paths", b, m, p, seed) for b in args.benchmarks for m in methods[b] for seed in args.seeds
-                 for p in PATHS]
+        jobs += [
+            job("paths", b, m, p, seed)
+            for b in args.benchmarks
+            for m in methods[b]
+            for seed in args.seeds
+            for p in PATHS
+        ]
     if "determinism" in args.checks:
         jobs += [job("determinism", b, "replay", "tensor", first) for b in args.benchmarks for _ in range(2)]
     if "same-shuffles" in args.checks:
@@ -294,24 +345,37 @@ def main() -> None:
         for future in as_completed(futures):
             r = future.result()
             runs.append(r)
-            head = (f"[{len(runs)}/{len(jobs)} {time.perf_counter() - start:6.0f} s] {r['check']}: {r['benchmark']} "
-                    f"{r['method']} {r['data_path']} seed {r['seed']}")
+            head = (
+                f"[{len(runs)}/{len(jobs)} {time.perf_counter() - start:6.0f} s] {r['check']}: {r['benchmark']} "
+                f"{r['method']} {r['data_path']} seed {r['seed']}"
+            )
             if "error" in r:
                 print(f"{head}: FAILED: {r['error']}", flush=True)
                 continue
             m = r["metrics"]
-            print(f"{head}: avg. incremental {100 * m['average_incremental_accuracy']:.2f} %, "
-                  f"final {100 * m['final_accuracy']:.2f} %, {m['total_wall_time']:.1f} s", flush=True)
+            print(
+                f"{head}: avg. incremental {100 * m['average_incremental_accuracy']:.2f} %, "
+                f"final {100 * m['final_accuracy']:.2f} %, {m['total_wall_time']:.1f} s",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
 
     failed = [r for r in runs if "error" in r]
     done = {c: [r for r in runs if r["check"] == c and "error" not in r] for c in CHECKS}
     report: dict[str, Any] = {
-        "command": " ".join(sys.argv), "wall_s": elapsed, "workers": args.workers, "threads": args.threads,
-        "torch": torch.__version__, "platform": platform.platform(), "seeds": args.seeds,
+        "command": " ".join(sys.argv),
+        "wall_s": elapsed,
+        "workers": args.workers,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "seeds": args.seeds,
         "criterion": "|mean tensor - mean Avalanche| <= max(std Avalanche, std tensor), sample std over seeds",
         "overrides": {f"{j['benchmark']} {j['method']}": j["overrides"] for j in jobs if j["data_path"] == "tensor"},
-        "tables": {}, "determinism": {}, "same_shuffles": {}, "failed": failed,
+        "tables": {},
+        "determinism": {},
+        "same_shuffles": {},
+        "failed": failed,
     }
     for benchmark in args.benchmarks if done["paths"] else []:
         rows = [row for m in methods[benchmark] if (row := compare(done["paths"], benchmark, m)) is not None]
@@ -323,16 +387,22 @@ def main() -> None:
         if len(pair) == 2:
             same = identical(*pair)
             report["determinism"][benchmark] = {
-                "identical": same, "average_incremental_accuracy": [r["metrics"]["average_incremental_accuracy"] for r in pair]}
-            print(f"\ndeterminism, {benchmark}: replay, tensor path, seed {first}, run twice: metrics.json "
-                  f"{'identical' if same else 'DIFFERENT'} (wall times aside)")
+                "identical": same,
+                "average_incremental_accuracy": [r["metrics"]["average_incremental_accuracy"] for r in pair],
+            }
+            print(
+                f"\ndeterminism, {benchmark}: replay, tensor path, seed {first}, run twice: metrics.json "
+                f"{'identical' if same else 'DIFFERENT'} (wall times aside)"
+            )
     for benchmark in args.benchmarks if done["same-shuffles"] else []:
         print(f"\n## {benchmark}: both paths with the same shuffles, seed {first}\n")
         print("| method | avg. incremental acc. Avalanche / tensor (%) | metrics.json identical (wall times aside)? |")
         print("| --- | --- | --- |")
         for method in methods[benchmark]:
-            pair = sorted((r for r in done["same-shuffles"] if (r["benchmark"], r["method"]) == (benchmark, method)),
-                          key=lambda r: PATHS.index(r["data_path"]))
+            pair = sorted(
+                (r for r in done["same-shuffles"] if (r["benchmark"], r["method"]) == (benchmark, method)),
+                key=lambda r: PATHS.index(r["data_path"]),
+            )
             if len(pair) == 2:
                 same = identical(*pair)
                 report["same_shuffles"][f"{benchmark} {method}"] = same

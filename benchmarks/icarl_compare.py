@@ -28,10 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's cl_ext, not an installed one
 
+from eeil_compare import pct  # noqa: E402  (this script's folder is on the path)
+
 from cl_ext.benchmarks.common import resolve_class_order  # noqa: E402
 from cl_ext.config import load_recipe  # noqa: E402
 from cl_ext.runner import build_experiment, new_run_dir, run_experiment  # noqa: E402
-from eeil_compare import pct  # noqa: E402  (this script's folder is on the path)
 
 RECIPE = ROOT / "recipes" / "icarl.yaml"
 CIFAR_CLASSES = 20
@@ -114,8 +115,10 @@ def cifar_subset(data: str, out: str) -> str:
 
 
 def run(benchmark: str, method: str, extra: list[str], seed: int, data: str, out: str) -> dict:
-    overrides = [o.replace("DATA", data).replace("SUBSET", str(Path(out) / "cifar100_first20.npz"))
-                 for o in BENCHMARKS[benchmark]]
+    overrides = [
+        o.replace("DATA", data).replace("SUBSET", str(Path(out) / "cifar100_first20.npz"))
+        for o in BENCHMARKS[benchmark]
+    ]
     overrides += [
         f"seed={seed}",
         "device=cpu",
@@ -167,9 +170,13 @@ def main() -> None:
     print("|---|" + "---|" * n_steps)
     for method, classifier, res in rows:
         if classifier != "output layer":
-            print(f"| {method} | " + " | ".join(pct([r["seen_accuracy"][t] for r in res]) for t in range(n_steps)) + " |")
-    print("\nWall time per run (s): " + ", ".join(
-        f"{m} {np.mean([r['total_wall_time'] for r in runs]):.0f}" for m, runs in results.items()))
+            print(
+                f"| {method} | " + " | ".join(pct([r["seen_accuracy"][t] for r in res]) for t in range(n_steps)) + " |"
+            )
+    print(
+        "\nWall time per run (s): "
+        + ", ".join(f"{m} {np.mean([r['total_wall_time'] for r in runs]):.0f}" for m, runs in results.items())
+    )
 
 
 if __name__ == "__main__":

@@ -59,28 +59,49 @@ DATA_ROOT = ROOT.parent / "shared" / "data"
 DATA: dict[str, dict[str, Any]] = {
     "digits": {
         "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "seed"}},
-        "hidden": [128, 128], "epochs": 15, "milestones": [10], "batch_size": 32, "memory": 100,
+        "hidden": [128, 128],
+        "epochs": 15,
+        "milestones": [10],
+        "batch_size": 32,
+        "memory": 100,
     },
     "mnist": {
-        "benchmark": {"name": "split_mnist", "options": {
-            "classes_per_exp": 2, "class_order": "seed", "train_per_class": 2000}},
-        "hidden": [256, 256], "epochs": 6, "milestones": [4], "batch_size": 128, "memory": 200,
+        "benchmark": {
+            "name": "split_mnist",
+            "options": {"classes_per_exp": 2, "class_order": "seed", "train_per_class": 2000},
+        },
+        "hidden": [256, 256],
+        "epochs": 6,
+        "milestones": [4],
+        "batch_size": 128,
+        "memory": 200,
     },
     # SLNID's permuted-MNIST protocol as recipes/slnid_mas.yaml had it when the step times in the docs
     # were measured (a head per task, 128-128; the recipe now has the authors' one head, 64-64).
     # A sixth of the training set.
     "permuted": {
         "benchmark": {"name": "permuted_mnist", "options": {"n_experiences": 5, "train_per_class": 1000}},
-        "hidden": [128, 128], "multihead": True, "epochs": 2, "milestones": [1], "batch_size": 200, "memory": 200,
+        "hidden": [128, 128],
+        "multihead": True,
+        "epochs": 2,
+        "milestones": [1],
+        "batch_size": 200,
+        "memory": 200,
         "methods": ["mas", "mas+slnid"],
     },
     # UCIR's and EEIL's network at the papers' batch size, on the CIFAR-100 subset: 50 classes,
     # then 50 more, 20 training images per class (a few ResNet-32 steps are minutes on a CPU).
     "cifar100": {
-        "benchmark": {"name": "split_cifar100", "options": {
-            "first_exp_classes": 50, "classes_per_exp": 50, "class_order": "seed", "train_per_class": 20}},
+        "benchmark": {
+            "name": "split_cifar100",
+            "options": {"first_exp_classes": 50, "classes_per_exp": 50, "class_order": "seed", "train_per_class": 20},
+        },
         "model": {"name": "resnet32", "options": {"last_relu": False}},
-        "epochs": 1, "milestones": [1], "batch_size": 128, "memory": 1000, "lr": 0.1,
+        "epochs": 1,
+        "milestones": [1],
+        "batch_size": 128,
+        "memory": 1000,
+        "lr": 0.1,
         "methods": ["replay", "ucir", "bic"],
     },
 }
@@ -94,15 +115,32 @@ METHODS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "bic": ("replay", {"plugins": [{"name": "bic"}]}),
     "il2m": ("replay", {"plugins": [{"name": "il2m"}]}),
     # recipes/slnid_mas.yaml's optimisation (before reset_optimizer and summed MAS), on the same data and model.
-    "mas": (None, {"strategy": {"name": "mas", "memory": None, "batch_size": 200, "options": {"lambda_reg": 0.1},
-                                "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-                                "lr_schedule": {"name": "constant"}}}),
+    "mas": (
+        None,
+        {
+            "strategy": {
+                "name": "mas",
+                "memory": None,
+                "batch_size": 200,
+                "options": {"lambda_reg": 0.1},
+                "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+                "lr_schedule": {"name": "constant"},
+            }
+        },
+    ),
     "mas+slnid": ("mas", {"plugins": [{"name": "slnid"}]}),
 }
 
 
-def recipe(data: str, method: str, *, epochs: int | None = None, device: str = "cpu", seed: int = 0,
-           data_root: Path = DATA_ROOT) -> dict[str, Any]:
+def recipe(
+    data: str,
+    method: str,
+    *,
+    epochs: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    data_root: Path = DATA_ROOT,
+) -> dict[str, Any]:
     """The recipe (as a dict) ``method`` runs with on ``data``."""
     d = DATA[data]
     benchmark = copy.deepcopy(d["benchmark"])
@@ -112,9 +150,13 @@ def recipe(data: str, method: str, *, epochs: int | None = None, device: str = "
         "seed": seed,
         "device": device,
         "benchmark": benchmark,
-        "model": d.get("model") or {"name": "mlp", "options": {"hidden": d["hidden"], "multihead": d.get("multihead", False)}},
+        "model": d.get("model")
+        or {"name": "mlp", "options": {"hidden": d["hidden"], "multihead": d.get("multihead", False)}},
         "strategy": {
-            "name": "replay", "epochs": epochs or d["epochs"], "batch_size": d["batch_size"], "eval_batch_size": 256,
+            "name": "replay",
+            "epochs": epochs or d["epochs"],
+            "batch_size": d["batch_size"],
+            "eval_batch_size": 256,
             "optimizer": {"name": "sgd", "lr": d.get("lr", 0.05), "momentum": 0.9, "weight_decay": 0.0005},
             "lr_schedule": {"name": "multistep", "milestones": d["milestones"], "gamma": 0.1},
             "memory": {"size": d["memory"], "selection": "herding"},
@@ -309,8 +351,14 @@ def measure(
             "step_ratios": step_ratios,
             "train_ratios": train_ratios,
         }
-    settings = {"data": data, "repetitions": repetitions, "device": device, "threads": torch.get_num_threads(),
-                "clock": clock, "recipes": recipes}
+    settings = {
+        "data": data,
+        "repetitions": repetitions,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "clock": clock,
+        "recipes": recipes,
+    }
     return {"settings": settings, "methods": results}
 
 
@@ -325,9 +373,11 @@ def table(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in result["methods"].items():
-        lines.append(f"| {name} | {r['baseline'] or '-'} | {r['step_ms']:.3f} | "
-                     f"{ratio(r['step_ratio'], r['step_ratios'])} | {r['train_s']:.2f} | "
-                     f"{ratio(r['train_ratio'], r['train_ratios'])} |")
+        lines.append(
+            f"| {name} | {r['baseline'] or '-'} | {r['step_ms']:.3f} | "
+            f"{ratio(r['step_ratio'], r['step_ratios'])} | {r['train_s']:.2f} | "
+            f"{ratio(r['train_ratio'], r['train_ratios'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -335,8 +385,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=sorted(DATA), default="digits")
     parser.add_argument("--data-root", default=str(DATA_ROOT), help="folder holding mnist.npz")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
-                        help="default: all (permuted: MAS and MAS + SLNID, the task-incremental pair)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="default: all (permuted: MAS and MAS + SLNID, the task-incremental pair)",
+    )
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="epochs per experience (default: the data's setting)")
     parser.add_argument("--device", default="cpu")
@@ -347,8 +401,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="avalanche")  # its deprecation notices, once per run built
     result = measure(args.data, args.methods, args.repetitions, args.epochs, args.device, args.data_root)
     s = result["settings"]
-    print(f"{s['data']}, {s['repetitions']} repetitions, {s['threads']} thread(s), {s['device']}, {s['clock']}; "
-          "medians over repetitions of per-repetition values")
+    print(
+        f"{s['data']}, {s['repetitions']} repetitions, {s['threads']} thread(s), {s['device']}, {s['clock']}; "
+        "medians over repetitions of per-repetition values"
+    )
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

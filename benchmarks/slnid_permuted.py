@@ -58,7 +58,9 @@ def hidden_activations(model: nn.Module, test_stream, device) -> dict[str, torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/slnid_mas.yaml")
-    parser.add_argument("--root", default="../shared/data", help="folder with the benchmark's .npz (mnist.npz, cifar10.npz)")
+    parser.add_argument(
+        "--root", default="../shared/data", help="folder with the benchmark's .npz (mnist.npz, cifar10.npz)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override strategy.epochs")
     parser.add_argument("--train-per-class", type=int, default=None, help="training subset per class and task")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,12 +79,16 @@ def main() -> None:
         common.append(f"benchmark.options.train_per_class={args.train_per_class}")
     rows = []
     for label, extra in (("without SLNID", ["plugins=[]"]), ("with SLNID", [])):
-        recipe = load_recipe(args.recipe, common + extra + [f"output.name={Path(args.recipe).stem}-{'slnid' if not extra else 'base'}"])
+        recipe = load_recipe(
+            args.recipe, common + extra + [f"output.name={Path(args.recipe).stem}-{'slnid' if not extra else 'base'}"]
+        )
         experiment = build_experiment(recipe)
         run_dir = new_run_dir(recipe)
         print(f"{label}: {run_dir}", flush=True)
         metrics = run_experiment(experiment, run_dir)
-        acts = hidden_activations(experiment.ctx.model, experiment.ctx.benchmark.benchmark.test_stream, experiment.ctx.device)
+        acts = hidden_activations(
+            experiment.ctx.model, experiment.ctx.benchmark.benchmark.test_stream, experiment.ctx.device
+        )
         layers = {
             name: (activation_sparsity(h, 0.0), activation_sparsity(h, args.threshold)) for name, h in acts.items()
         }
@@ -90,21 +96,29 @@ def main() -> None:
 
     resolved = load_recipe(args.recipe, common)
     strategy = resolved.strategy
-    print(f"\n{args.recipe}: {resolved.benchmark.name}, {strategy.name}, {len(rows[0][1]['accuracy_matrix'])} "
-          f"experiences, {strategy.epochs} epochs, "
-          f"train_per_class={args.train_per_class}, seed {args.seed}; near-zero: activation <= {args.threshold}\n")
+    print(
+        f"\n{args.recipe}: {resolved.benchmark.name}, {strategy.name}, {len(rows[0][1]['accuracy_matrix'])} "
+        f"experiences, {strategy.epochs} epochs, "
+        f"train_per_class={args.train_per_class}, seed {args.seed}; near-zero: activation <= {args.threshold}\n"
+    )
     print("| method | final avg. acc. (%) | forgetting (pts) | layer | zero (%) | near-zero (%) | active / input |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for label, metrics, layers, _ in rows:
         for name, (zero, near) in layers.items():
-            print(f"| {label} | {100 * metrics['final_average_accuracy']:.2f} | {100 * metrics['forgetting']:.2f} | "
-                  f"{name} | {100 * zero['near_zero_share']:.2f} | {100 * near['near_zero_share']:.2f} | "
-                  f"{near['active_per_input']:.1f} of {near['neurons']} |")
+            print(
+                f"| {label} | {100 * metrics['final_average_accuracy']:.2f} | {100 * metrics['forgetting']:.2f} | "
+                f"{name} | {100 * zero['near_zero_share']:.2f} | {100 * near['near_zero_share']:.2f} | "
+                f"{near['active_per_input']:.1f} of {near['neurons']} |"
+            )
     print()
     for label, metrics, _, run_dir in rows:
         last = metrics["accuracy_matrix"][-1]
-        print(f"{label}: accuracy per task after the last one: " + " ".join(f"{100 * a:.2f}" for a in last)
-              + f"  ({run_dir})")
+        print(
+            f"{label}: accuracy per task after the last one: "
+            + " ".join(f"{100 * a:.2f}" for a in last)
+            + f"  ({run_dir})"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -31,15 +31,15 @@ exemplars per class: 10.6 M training image passes).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -94,12 +94,17 @@ class EpochTimer(SupervisedPlugin):
 # -- 1. split MNIST replay ----------------------------------------------------------------------
 def mnist_recipe(device: str, data_path: str, memory: dict | None, batch_size: int = 64) -> dict[str, Any]:
     return {
-        "seed": 0, "device": device,
+        "seed": 0,
+        "device": device,
         "benchmark": {"name": "split_mnist", "options": {"root": str(DATA), "classes_per_exp": 2}},
         "model": {"name": "mlp"},
         "strategy": {
-            "name": "replay" if memory else "naive", "epochs": 1, "batch_size": batch_size, "data_path": data_path,
-            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}, "memory": memory,
+            "name": "replay" if memory else "naive",
+            "epochs": 1,
+            "batch_size": batch_size,
+            "data_path": data_path,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "memory": memory,
         },
         "output": {"checkpoint": False, "report": False},
     }
@@ -160,19 +165,25 @@ def bare_rate(device: str) -> float:
         seconds += time.perf_counter() - start
         seen += len(rows)
         keep = torch.cat([torch.nonzero(view.targets == c).flatten()[:20] for c in view.targets.unique()]).to(dev)
-        memory, labels_memory = torch.cat([memory, view.rows.to(dev)[keep]]), torch.cat([labels_memory, view.targets.to(dev)[keep]])
+        memory, labels_memory = (
+            torch.cat([memory, view.rows.to(dev)[keep]]),
+            torch.cat([labels_memory, view.targets.to(dev)[keep]]),
+        )
     return seen / seconds
 
 
 def section_mnist(args) -> dict[str, Any]:
     if not (DATA / "mnist.npz").is_file():
         return {"skipped": f"{DATA / 'mnist.npz'} not found"}
-    rates = interleaved({
-        "bare PyTorch loop": lambda: bare_rate(args.device),
-        "cl-ext, tensor path": lambda: cl_ext_rate(args.device, "tensor"),
-        "cl-ext, Avalanche path": lambda: cl_ext_rate(args.device, "avalanche"),
-        "Avalanche Naive + ReplayPlugin": lambda: avalanche_replay_rate(args.device),
-    }, args.repeats)
+    rates = interleaved(
+        {
+            "bare PyTorch loop": lambda: bare_rate(args.device),
+            "cl-ext, tensor path": lambda: cl_ext_rate(args.device, "tensor"),
+            "cl-ext, Avalanche path": lambda: cl_ext_rate(args.device, "avalanche"),
+            "Avalanche Naive + ReplayPlugin": lambda: avalanche_replay_rate(args.device),
+        },
+        args.repeats,
+    )
     medians = {k: statistics.median(v) for k, v in rates.items()}
     bare, avalanche = medians["bare PyTorch loop"], medians["Avalanche Naive + ReplayPlugin"]
     return {
@@ -219,8 +230,9 @@ def quickstart_bare(device: str) -> float:
     memory_rows, memory_targets = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     for t, view in enumerate(train):
         avalanche_model_adaptation(model, bench.train_stream[t])
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.optimizer.lr, momentum=s.optimizer.momentum,
-                                    weight_decay=s.optimizer.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=s.optimizer.lr, momentum=s.optimizer.momentum, weight_decay=s.optimizer.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, s.lr_schedule.milestones, s.lr_schedule.gamma)
         rows, targets = torch.cat([view.rows, memory_rows]).to(dev), torch.cat([view.targets, memory_targets]).to(dev)
         model.train()
@@ -244,7 +256,9 @@ def quickstart_bare(device: str) -> float:
                 if int(c) in memory_targets.tolist():
                     kept_rows.append(class_rows[:quota])
                 else:
-                    feats = torch.nn.functional.normalize(model.features((images[class_rows.to(dev)] - 0.5) / 0.5), dim=1)
+                    feats = torch.nn.functional.normalize(
+                        model.features((images[class_rows.to(dev)] - 0.5) / 0.5), dim=1
+                    )
                     mean, chosen, order = feats.mean(0), torch.zeros_like(feats[0]), []
                     for k in range(1, min(quota, len(feats)) + 1):
                         score = feats @ (k * mean - chosen)
@@ -265,23 +279,38 @@ def section_quickstart(args) -> dict[str, Any]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        walls = interleaved({
-            "bare twin": lambda: quickstart_bare(args.device),
-            "cl-ext run (in-process)": lambda: quickstart_cl_ext(args.device, Path(tmp)),
-        }, args.repeats)
+        walls = interleaved(
+            {
+                "bare twin": lambda: quickstart_bare(args.device),
+                "cl-ext run (in-process)": lambda: quickstart_cl_ext(args.device, Path(tmp)),
+            },
+            args.repeats,
+        )
     medians = {k: statistics.median(v) for k, v in walls.items()}
-    return {"wall_s": walls, "median_wall_s": medians,
-            "cl_ext_over_bare": medians["cl-ext run (in-process)"] / medians["bare twin"]}
+    return {
+        "wall_s": walls,
+        "median_wall_s": medians,
+        "cl_ext_over_bare": medians["cl-ext run (in-process)"] / medians["bare twin"],
+    }
 
 
 # -- 3. CIFAR-100 subset, ResNet-32 ---------------------------------------------------------------
 def cifar_recipe(device: str, data_path: str) -> dict[str, Any]:
     return {
-        "seed": 0, "device": device,
-        "benchmark": {"name": "split_cifar100", "options": {"root": str(DATA), "first_exp_classes": 50, "classes_per_exp": 10}},
+        "seed": 0,
+        "device": device,
+        "benchmark": {
+            "name": "split_cifar100",
+            "options": {"root": str(DATA), "first_exp_classes": 50, "classes_per_exp": 10},
+        },
         "model": {"name": "resnet32"},
-        "strategy": {"name": "naive", "epochs": 1, "batch_size": 128, "data_path": data_path,
-                     "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+        "strategy": {
+            "name": "naive",
+            "epochs": 1,
+            "batch_size": 128,
+            "data_path": data_path,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        },
         "output": {"checkpoint": False, "report": False},
     }
 
@@ -327,19 +356,30 @@ def section_cifar(args) -> dict[str, Any]:
         return {"skipped": f"{DATA / 'cifar100.npz'} not found"}
     exp = build_experiment(validate_recipe(cifar_recipe(args.device, "tensor")))
     dataset = exp.ctx.benchmark.benchmark.train_stream[0].dataset.train()
-    costs = interleaved({
-        "per-sample torchvision (Avalanche path)": lambda: data_cost_us(dataset, "avalanche", args.device, 2560),
-        "tensor path (gather + batched crop/flip)": lambda: data_cost_us(dataset, "tensor", args.device, 2560),
-    }, args.repeats)
-    out: dict[str, Any] = {"data_us_per_image": costs,
-                           "median_data_us_per_image": {k: statistics.median(v) for k, v in costs.items()}}
-    rates = interleaved({
-        "tensor path": lambda: train_rate(args.device, "tensor", args.cifar_iterations),
-        "Avalanche path": lambda: train_rate(args.device, "avalanche", args.cifar_iterations),
-    }, args.repeats)
+    costs = interleaved(
+        {
+            "per-sample torchvision (Avalanche path)": lambda: data_cost_us(dataset, "avalanche", args.device, 2560),
+            "tensor path (gather + batched crop/flip)": lambda: data_cost_us(dataset, "tensor", args.device, 2560),
+        },
+        args.repeats,
+    )
+    out: dict[str, Any] = {
+        "data_us_per_image": costs,
+        "median_data_us_per_image": {k: statistics.median(v) for k, v in costs.items()},
+    }
+    rates = interleaved(
+        {
+            "tensor path": lambda: train_rate(args.device, "tensor", args.cifar_iterations),
+            "Avalanche path": lambda: train_rate(args.device, "avalanche", args.cifar_iterations),
+        },
+        args.repeats,
+    )
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    out.update(train_images_per_s=rates, median_train_images_per_s=medians,
-               tensor_over_avalanche=medians["tensor path"] / medians["Avalanche path"])
+    out.update(
+        train_images_per_s=rates,
+        median_train_images_per_s=medians,
+        tensor_over_avalanche=medians["tensor path"] / medians["Avalanche path"],
+    )
     if torch.device(args.device).type == "cuda":
         out["projected_lucir_cifar100_hours"] = {k: LUCIR_IMAGE_PASSES / v / 3600 for k, v in medians.items()}
     return out
@@ -354,8 +394,12 @@ def section_methods(args) -> dict[str, Any]:
     return result
 
 
-SECTIONS = {"1": ("split MNIST replay", section_mnist), "2": ("quickstart", section_quickstart),
-            "3": ("CIFAR-100 ResNet-32", section_cifar), "4": ("method steps", section_methods)}
+SECTIONS = {
+    "1": ("split MNIST replay", section_mnist),
+    "2": ("quickstart", section_quickstart),
+    "3": ("CIFAR-100 ResNet-32", section_cifar),
+    "4": ("method steps", section_methods),
+}
 
 
 def fmt(value: Any) -> str:
@@ -374,8 +418,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     report: dict[str, Any] = {
-        "command": " ".join(sys.argv), "device": args.device, "threads": args.threads, "repeats": args.repeats,
-        "torch": torch.__version__, "platform": platform.platform(),
+        "command": " ".join(sys.argv),
+        "device": args.device,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
     }
     for key in args.sections:

@@ -31,8 +31,11 @@ BENCHMARKS = {
     "digits": [
         "benchmark={name: digits, options: {classes_per_exp: 2, class_order: seed}}",
         "model={name: mlp, options: {hidden: [128, 128]}}",
-        "strategy.epochs=15", "strategy.batch_size=32", "strategy.eval_batch_size=256",
-        "strategy.optimizer.lr=0.05", "strategy.lr_schedule.milestones=[10]",
+        "strategy.epochs=15",
+        "strategy.batch_size=32",
+        "strategy.eval_batch_size=256",
+        "strategy.optimizer.lr=0.05",
+        "strategy.lr_schedule.milestones=[10]",
     ],
     # MNIST from ROOT/mnist.npz, a third of the training set (2,000 images per class, drawn
     # with the seed) to stay cheap on a CPU; the full 10,000-image test set.
@@ -40,14 +43,20 @@ BENCHMARKS = {
         "benchmark={name: split_mnist, options: {root: ROOT, classes_per_exp: 2, class_order: seed, "
         "train_per_class: 2000}}",
         "model={name: mlp, options: {hidden: [256, 256]}}",
-        "strategy.epochs=6", "strategy.batch_size=128", "strategy.eval_batch_size=1000",
-        "strategy.optimizer.lr=0.05", "strategy.lr_schedule.milestones=[4]",
+        "strategy.epochs=6",
+        "strategy.batch_size=128",
+        "strategy.eval_batch_size=1000",
+        "strategy.optimizer.lr=0.05",
+        "strategy.lr_schedule.milestones=[4]",
     ],
 }
 
 METHODS = {
     "finetune": [
-        "strategy.name=naive", "strategy.memory=null", "plugins=[]", "evaluation.metrics=[incremental_accuracy]",
+        "strategy.name=naive",
+        "strategy.memory=null",
+        "plugins=[]",
+        "evaluation.metrics=[incremental_accuracy]",
     ],
     "replay": ["plugins=[]"],
     "ucir": [],
@@ -82,8 +91,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--data-root", default="../shared/data", help="folder holding mnist.npz")
     parser.add_argument("--out", default="runs/ucir_compare")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also run UCIR with each part turned off, and with class-balanced finetuning")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run UCIR with each part turned off, and with class-balanced finetuning",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,11 +108,17 @@ def main() -> None:
             cnn, nme, final = [], [], []
             for seed in args.seeds:
                 overrides = [o.replace("ROOT", args.data_root) for o in BENCHMARKS[bench]]
-                overrides += base + method_overrides + [
-                    f"seed={seed}", f"output.dir={args.out}",
-                    f"output.name={bench}-{method.replace(', ', '-').replace(' ', '_')}-seed{seed}",
-                    "output.checkpoint=false", "output.report=false",
-                ]
+                overrides += (
+                    base
+                    + method_overrides
+                    + [
+                        f"seed={seed}",
+                        f"output.dir={args.out}",
+                        f"output.name={bench}-{method.replace(', ', '-').replace(' ', '_')}-seed{seed}",
+                        "output.checkpoint=false",
+                        "output.report=false",
+                    ]
+                )
                 metrics = run_one(overrides)
                 cnn.append(metrics["average_incremental_accuracy"])
                 final.append(metrics["final_accuracy"])
@@ -108,14 +126,24 @@ def main() -> None:
                     nme.append(metrics["nme"]["average_incremental_accuracy"])
                 nme_text = f" NME {nme[-1]:.4f}" if nme else ""
                 print(f"{bench} {method} seed {seed}: CNN {cnn[-1]:.4f}{nme_text}", flush=True)
-            rows.append({"benchmark": bench, "method": method, "seeds": args.seeds, "cnn_avg_incremental": cnn,
-                         "nme_avg_incremental": nme, "final_accuracy": final})
+            rows.append(
+                {
+                    "benchmark": bench,
+                    "method": method,
+                    "seeds": args.seeds,
+                    "cnn_avg_incremental": cnn,
+                    "nme_avg_incremental": nme,
+                    "final_accuracy": final,
+                }
+            )
 
     print("\n| benchmark | method | avg. incremental acc. CNN (%) | NME (%) | final acc. CNN (%) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['benchmark']} | {r['method']} | {mean_std(r['cnn_avg_incremental'])} | "
-              f"{mean_std(r['nme_avg_incremental'])} | {mean_std(r['final_accuracy'])} |")
+        print(
+            f"| {r['benchmark']} | {r['method']} | {mean_std(r['cnn_avg_incremental'])} | "
+            f"{mean_std(r['nme_avg_incremental'])} | {mean_std(r['final_accuracy'])} |"
+        )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(rows, indent=2))
 

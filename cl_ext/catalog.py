@@ -122,8 +122,13 @@ def text() -> str:
             if {k: option_spec(*v) for k, v in _fields(options).items()} != options:
                 raise ValueError(f"{where}: options do not survive the catalog: {entry.fields} -> {options}")
             entries[kind].append(
-                {"name": entry.name, "aliases": list(entry.aliases), "module": entry.module,
-                 "summary": entry.summary, "options": options}
+                {
+                    "name": entry.name,
+                    "aliases": list(entry.aliases),
+                    "module": entry.module,
+                    "summary": entry.summary,
+                    "options": options,
+                }
             )
     data = {"generated_by": COMMAND, "entries": entries}
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

@@ -11,7 +11,7 @@ import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
@@ -42,7 +42,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--set",
         "-s",
@@ -71,19 +71,28 @@ def _fmt(value) -> str:
 
 @app.command()
 def run(
-    recipe: Annotated[
-        Optional[Path], typer.Argument(help="Recipe YAML file (see recipes/ and docs/recipes.md).")
-    ] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (see recipes/ and docs/recipes.md).")] = None,
     overrides: SetOption = None,
-    resume: Annotated[Optional[Path], typer.Option(
-        "--resume", metavar="RUN_DIR",
-        help=("Continue an interrupted run from its last checkpoint; the result is the same, bit for bit, "
-              "as a run that was never interrupted. Refused if the recipe or the code changed."),
-    )] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            metavar="RUN_DIR",
+            help=(
+                "Continue an interrupted run from its last checkpoint; the result is the same, bit for bit, "
+                "as a run that was never interrupted. Refused if the recipe or the code changed."
+            ),
+        ),
+    ] = None,
     threads: Annotated[
-        Optional[int], typer.Option(min=1, help=(
-            "CPU threads for PyTorch (default: PyTorch's choice). On a machine busy with other jobs, "
-            "1 can be many times faster: threads that wait on each other spin."))
+        int | None,
+        typer.Option(
+            min=1,
+            help=(
+                "CPU threads for PyTorch (default: PyTorch's choice). On a machine busy with other jobs, "
+                "1 can be many times faster: threads that wait on each other spin."
+            ),
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of any error.")] = False,
 ) -> None:
@@ -126,9 +135,12 @@ def run(
     except (ValueError, OSError) as err:
         _fail(f"{source}: could not build the experiment: {err}", debug)
     except Exception as err:
-        _fail(f"{source}: {type(err).__name__} while building the experiment: {err}\n"
-              "This looks like a bug in cl-ext or in a plugin rather than in the recipe; "
-              "--debug shows the traceback.", debug)
+        _fail(
+            f"{source}: {type(err).__name__} while building the experiment: {err}\n"
+            "This looks like a bug in cl-ext or in a plugin rather than in the recipe; "
+            "--debug shows the traceback.",
+            debug,
+        )
     parsed = experiment.recipe
     info = experiment.ctx.info
     try:
@@ -153,16 +165,21 @@ def run(
     current = {"experience": experiment.completed}
 
     with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True,
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task("training", total=None)
         log.console = bar.console
 
         def on_progress(step: int, done: int, total: int) -> None:
             current["experience"] = step
-            bar.update(task, description=f"experience {step + 1}/{info.n_experiences}: training",
-                       completed=done, total=total)
+            bar.update(
+                task, description=f"experience {step + 1}/{info.n_experiences}: training", completed=done, total=total
+            )
 
         def on_epoch(report) -> None:
             log.line(
@@ -182,12 +199,19 @@ def run(
         def on_step(result) -> None:
             m, t = result.metrics, result.step
             aia = sum(m["seen_accuracy"][: t + 1]) / (t + 1)
-            row = (str(t), str(result.classes_seen), _fmt(m["seen_accuracy"][t]), _fmt(m["old_accuracy"][t]),
-                   _fmt(m["new_accuracy"][t]), _fmt(aia), f"{result.wall_time:.1f}")
+            row = (
+                str(t),
+                str(result.classes_seen),
+                _fmt(m["seen_accuracy"][t]),
+                _fmt(m["old_accuracy"][t]),
+                _fmt(m["new_accuracy"][t]),
+                _fmt(aia),
+                f"{result.wall_time:.1f}",
+            )
             table.add_row(*row)
             log.line(
-                f"experience {t + 1}/{info.n_experiences}: seen {row[2]}%  old {row[3]}%  new {row[4]}%  "
-                f"({row[6]} s)", always=True,
+                f"experience {t + 1}/{info.n_experiences}: seen {row[2]}%  old {row[3]}%  new {row[4]}%  ({row[6]} s)",
+                always=True,
             )
 
         # A batch system's time limit sends SIGTERM before SIGKILL: stop as cleanly as on Ctrl-C.
@@ -198,8 +222,9 @@ def run(
         logging.getLogger("cl_ext").addHandler(notices)
         try:
             with listening(on_phase):
-                metrics = run_experiment(experiment, run_dir, on_step=on_step, on_progress=on_progress,
-                                         on_epoch=on_epoch)
+                metrics = run_experiment(
+                    experiment, run_dir, on_step=on_step, on_progress=on_progress, on_epoch=on_epoch
+                )
         except BaseException as err:  # Ctrl-C included: close the loggers, report what finished
             bar.stop()
             _stopped(err, experiment, run_dir, log, debug, finish_run)
@@ -214,8 +239,7 @@ def run(
         f"average incremental accuracy {_fmt(metrics['average_incremental_accuracy'])}% "
         f"(excluding the first step {_fmt(metrics['average_incremental_accuracy_excl_first'])}%), "
         f"final accuracy {_fmt(metrics['final_accuracy'])}%, forgetting {_fmt(metrics['forgetting'])} points\n"
-        f"results: {run_dir / 'metrics.json'}"
-        + "".join(f"\nreport: {path}" for path in reports)
+        f"results: {run_dir / 'metrics.json'}" + "".join(f"\nreport: {path}" for path in reports)
     )
 
 
@@ -310,16 +334,20 @@ def validate(
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.json).")],
     out: Annotated[
-        Optional[Path],
-        typer.Option("--out", "-o", help=(
-            "Report file: .html, or .md for Markdown only "
-            "(default: RUN_DIR/report.html for one run, ./report.html for several)."
-        )),
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Report file: .html, or .md for Markdown only "
+                "(default: RUN_DIR/report.html for one run, ./report.html for several)."
+            ),
+        ),
     ] = None,
     markdown: Annotated[
         bool, typer.Option("--markdown", help="Also write Markdown beside the HTML, figures in <name>_files/.")
     ] = False,
-    title: Annotated[Optional[str], typer.Option(help="Report title (default: from the runs).")] = None,
+    title: Annotated[str | None, typer.Option(help="Report title (default: from the runs).")] = None,
 ) -> None:
     """Write a report of one run, or compare several runs side by side.
 
@@ -344,12 +372,15 @@ def report(
 @app.command()
 def sync(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories whose W&B runs to upload.")],
-    project: Annotated[Optional[str], typer.Option(help="Upload into this W&B project instead.")] = None,
-    entity: Annotated[Optional[str], typer.Option(help="Upload into this W&B entity (user or team).")] = None,
+    project: Annotated[str | None, typer.Option(help="Upload into this W&B project instead.")] = None,
+    entity: Annotated[str | None, typer.Option(help="Upload into this W&B entity (user or team).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; upload nothing.")] = False,
-    wandb_report: Annotated[bool, typer.Option(
-        "--report", help="Then publish a W&B Report of these runs (with --dry-run: print its blocks as JSON)."
-    )] = False,
+    wandb_report: Annotated[
+        bool,
+        typer.Option(
+            "--report", help="Then publish a W&B Report of these runs (with --dry-run: print its blocks as JSON)."
+        ),
+    ] = False,
 ) -> None:
     """Upload the offline W&B runs of run directories (runs `wandb sync` on RUN_DIR/wandb/).
 
@@ -360,7 +391,6 @@ def sync(
 
     Example: cl-ext sync runs/quickstart-20250101-120000 --report
     """
-    import json
     import subprocess
     import sys
 
@@ -368,16 +398,21 @@ def sync(
 
     folders = [folder for run_dir in run_dirs for folder in wandb_run_folders(run_dir)]
     if not folders:
-        _fail("no W&B run in " + ", ".join(str(d / "wandb") for d in run_dirs)
-              + "; add `evaluation: {loggers: [{name: wandb}]}` to the recipe to log one")
+        _fail(
+            "no W&B run in "
+            + ", ".join(str(d / "wandb") for d in run_dirs)
+            + "; add `evaluation: {loggers: [{name: wandb}]}` to the recipe to log one"
+        )
     command = [sys.executable, "-m", "wandb", "sync"]
     command += (["--project", project] if project else []) + (["--entity", entity] if entity else [])
     command += (["--dry-run"] if dry_run else []) + [str(f) for f in folders]
     err_console.print("$ wandb " + " ".join(command[3:]), highlight=False, markup=False)
     result = subprocess.run(command, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
-        _fail(f"wandb sync failed (exit {result.returncode}): is a W&B server reachable and are you logged in "
-              "(wandb login)? The offline runs stay where they are; run this again later.")
+        _fail(
+            f"wandb sync failed (exit {result.returncode}): is a W&B server reachable and are you logged in "
+            "(wandb login)? The offline runs stay where they are; run this again later."
+        )
     if not wandb_report:
         return
     try:
@@ -395,7 +430,7 @@ def sync(
 
 @app.command("list")
 def list_components(
-    name: Optional[str] = typer.Argument(
+    name: str | None = typer.Argument(
         None, help="a registered name (e.g. ucir, split_cifar100): its options with type, default, range and meaning"
     ),
 ) -> None:

@@ -38,7 +38,7 @@ class OptimizerConfig(_Strict):
     nesterov: bool = False
 
     @model_validator(mode="after")
-    def _sgd_only(self) -> "OptimizerConfig":
+    def _sgd_only(self) -> OptimizerConfig:
         # Adam would ignore both without a word. The default momentum passes: a resolved recipe
         # (every default written out) must load again.
         if self.name != "sgd" and (self.nesterov or self.momentum != 0.9):
@@ -54,7 +54,7 @@ class LRScheduleConfig(_Strict):
     gamma: float = Field(0.1, gt=0)
 
     @model_validator(mode="after")
-    def _milestones(self) -> "LRScheduleConfig":
+    def _milestones(self) -> LRScheduleConfig:
         # Milestones on another schedule would be ignored without a word.
         if self.milestones and self.name != "multistep":
             raise ValueError(f"milestones apply to the multistep schedule only, not to {self.name!r}")
@@ -71,7 +71,7 @@ class MemoryConfig(_Strict):
     selection: Literal["herding", "random"] = "herding"
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "MemoryConfig":
+    def _one_budget(self) -> MemoryConfig:
         if (self.size is None) == (self.per_class is None):
             raise ValueError("give exactly one of memory.size (total budget) or memory.per_class")
         return self
@@ -82,11 +82,13 @@ class DataLoaderConfig(_Strict):
     ``data_path: avalanche``, or for data the tensor path cannot serve."""
 
     num_workers: int = Field(0, ge=0, description="worker processes that load batches (0: in the training process)")
-    pin_memory: bool | None = Field(None, description="page-locked batches for faster copies to CUDA (null: Avalanche's choice)")
+    pin_memory: bool | None = Field(
+        None, description="page-locked batches for faster copies to CUDA (null: Avalanche's choice)"
+    )
     persistent_workers: bool = Field(False, description="keep the workers alive between epochs (needs num_workers > 0)")
 
     @model_validator(mode="after")
-    def _workers(self) -> "DataLoaderConfig":
+    def _workers(self) -> DataLoaderConfig:
         if self.persistent_workers and self.num_workers == 0:
             raise ValueError("persistent_workers needs num_workers > 0")
         return self
@@ -185,9 +187,7 @@ def _check_registered(recipe: Recipe, source: str) -> None:
     ]
     checks += [("plugin", f"plugins[{i}]", p) for i, p in enumerate(recipe.plugins)]
     checks += [("logger", f"evaluation.loggers[{i}]", lg) for i, lg in enumerate(recipe.evaluation.loggers)]
-    checks += [
-        ("metric", f"evaluation.metrics[{i}]", m) for i, m in enumerate(recipe.evaluation.metric_components())
-    ]
+    checks += [("metric", f"evaluation.metrics[{i}]", m) for i, m in enumerate(recipe.evaluation.metric_components())]
     for kind, path, component in checks:
         try:
             entry = registry.get(kind, component.name)
@@ -275,7 +275,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key].start_mark.line + 1})",
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (first on line {seen[key].start_mark.line + 1})",
                     key_node.start_mark,
                 )
             seen[key] = key_node
@@ -288,8 +290,10 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
 }
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
-               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 

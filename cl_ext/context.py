@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,12 +63,12 @@ class BenchmarkBundle:
 class BuildContext:
     """Filled in step by step by the runner: benchmark, model, memory, plugins, strategy."""
 
-    recipe: "Recipe"
+    recipe: Recipe
     device: torch.device
     run_dir: Path | None = None
     benchmark: BenchmarkBundle | None = None
     model: torch.nn.Module | None = None
-    memory: "ExemplarMemory | None" = None
+    memory: ExemplarMemory | None = None
     optimizer: torch.optim.Optimizer | None = None
     plugins: list[Any] = field(default_factory=list)
     evaluator: Any = None

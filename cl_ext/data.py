@@ -29,8 +29,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -145,8 +146,10 @@ def _statistics(
     mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std as (C, 1, 1) tensors, as torchvision's ``normalize`` builds them."""
-    return (torch.as_tensor(mean, dtype=dtype, device=device).view(-1, 1, 1),
-            torch.as_tensor(std, dtype=dtype, device=device).view(-1, 1, 1))
+    return (
+        torch.as_tensor(mean, dtype=dtype, device=device).view(-1, 1, 1),
+        torch.as_tensor(std, dtype=dtype, device=device).view(-1, 1, 1),
+    )
 
 
 def crop_flip(
@@ -186,11 +189,14 @@ def with_sample_ids(dataset: Dataset, task_labels: torch.Tensor | None = None) -
     key of the tensor data path; task label 0 unless given."""
     targets = torch.as_tensor(dataset.targets, dtype=torch.long)
     tasks = torch.zeros_like(targets) if task_labels is None else task_labels
-    return ClassificationDataset([dataset], data_attributes=[
-        DataAttribute(targets, "targets"),
-        DataAttribute(tasks, "targets_task_labels", use_in_getitem=True),
-        DataAttribute(torch.arange(len(targets)), SAMPLE_ID),
-    ])
+    return ClassificationDataset(
+        [dataset],
+        data_attributes=[
+            DataAttribute(targets, "targets"),
+            DataAttribute(tasks, "targets_task_labels", use_in_getitem=True),
+            DataAttribute(torch.arange(len(targets)), SAMPLE_ID),
+        ],
+    )
 
 
 @dataclass
@@ -363,7 +369,9 @@ class TensorLoader:
         order = torch.randperm(n, generator=draws).to(self.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:
-                rows, targets, tasks = (t[start : start + self.batch_size] for t in (self.rows, self.targets, self.tasks))
+                rows, targets, tasks = (
+                    t[start : start + self.batch_size] for t in (self.rows, self.targets, self.tasks)
+                )
             else:
                 index = order[start : start + self.batch_size]
                 rows, targets, tasks = (t.index_select(0, index) for t in (self.rows, self.targets, self.tasks))
@@ -391,7 +399,10 @@ def loader(
             return TensorLoader(view, batch_size, device, shuffle=shuffle, generator=generator)
         log.debug("Avalanche's data path for a %s: %s", type(dataset).__name__, view)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
         collate_fn=getattr(dataset, "collate_fn", None),
     )
 
@@ -416,7 +427,9 @@ class TensorDataPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         view = self._view(strategy, "training")
         if view is not None and len(view.tasks.unique()) > 1:
-            view = self._fallback("training", "its samples carry several task labels (Avalanche balances them per batch)")
+            view = self._fallback(
+                "training", "its samples carry several task labels (Avalanche balances them per batch)"
+            )
         if view is not None:
             strategy.dataloader = TensorLoader(view, strategy.train_mb_size, strategy.device, shuffle=True)
 

@@ -12,9 +12,10 @@ import math
 import netrc
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlparse
-from typing import Any, Callable, Literal, Sequence
 
 import torch
 from avalanche.logging import BaseLogger, InteractiveLogger, TextLogger
@@ -38,7 +39,9 @@ class _RunDirFile:
 
     def write(self, text: str) -> int:
         if self._file is None:
-            self._file = open(self.ctx.run_dir / self.filename, "a", buffering=1)  # line-buffered: readable while the run goes on
+            self._file = open(
+                self.ctx.run_dir / self.filename, "a", buffering=1
+            )  # line-buffered: readable while the run goes on
         return self._file.write(text)
 
     def flush(self) -> None:
@@ -62,7 +65,9 @@ class RunDirTextLogger(TextLogger):
 def build_text_logger(ctx: BuildContext, filename: str = "avalanche_log.txt") -> TextLogger:
     """Avalanche's text log of every metric value, written into the run directory."""
     if Path(filename).name != filename or filename in {"", ".", ".."}:
-        raise RecipeError(f"evaluation.loggers: text: filename must be a file name inside the run folder, got {filename!r}")
+        raise RecipeError(
+            f"evaluation.loggers: text: filename must be a file name inside the run folder, got {filename!r}"
+        )
     return RunDirTextLogger(_RunDirFile(ctx, filename))
 
 
@@ -139,8 +144,15 @@ class WandbLogger(BaseLogger):
         artifact_dir: PathSource = None,
     ):
         super().__init__()
-        self.init_kwargs = {"project": project, "name": name, "entity": entity, "tags": list(tags),
-                            "group": group, "notes": notes, "config": config or {}}
+        self.init_kwargs = {
+            "project": project,
+            "name": name,
+            "entity": entity,
+            "tags": list(tags),
+            "group": group,
+            "notes": notes,
+            "config": config or {},
+        }
         self.dir = dir
         self.mode = mode or os.environ.get("WANDB_MODE") or "offline"
         self.artifact_dir = artifact_dir
@@ -162,8 +174,9 @@ class WandbLogger(BaseLogger):
             # console="off": W&B's capture of stdout would fight the CLI's live progress display.
             settings = wandb.Settings(console="off", silent=True, x_save_requirements=False)
             with isolated():  # W&B draws its run ID at random: that must not change training
-                self.run = wandb.init(dir=folder, mode=self.mode, settings=settings, reinit="create_new",
-                                      **self.init_kwargs)
+                self.run = wandb.init(
+                    dir=folder, mode=self.mode, settings=settings, reinit="create_new", **self.init_kwargs
+                )
         return self.run
 
     # -- resume -------------------------------------------------------------------------------------
@@ -248,15 +261,26 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
     n_exp = max((len(row) for row in results["accuracy_matrix"]), default=0)
     matrix = wandb.Table(
         columns=["after step", "classes seen"] + [f"experience {j} (%)" for j in range(n_exp)],
-        data=[[t, x[t]] + [_pct(v) for v in row] + [None] * (n_exp - len(row))
-              for t, row in enumerate(results["accuracy_matrix"][: len(records)])],
+        data=[
+            [t, x[t]] + [_pct(v) for v in row] + [None] * (n_exp - len(row))
+            for t, row in enumerate(results["accuracy_matrix"][: len(records)])
+        ],
         allow_mixed_types=True,
     )
-    percent = {"seen_accuracy", "old_accuracy", "new_accuracy", "new_prediction_share", "forgetting",
-               "nme_seen_accuracy"}
+    percent = {
+        "seen_accuracy",
+        "old_accuracy",
+        "new_accuracy",
+        "new_prediction_share",
+        "forgetting",
+        "nme_seen_accuracy",
+    }
     columns = [f"{k} (%)" if k in percent else k for k in records[0]] if records else []
-    steps = wandb.Table(columns=columns, allow_mixed_types=True,
-                        data=[[_pct(v) if k in percent else v for k, v in r.items()] for r in records])
+    steps = wandb.Table(
+        columns=columns,
+        allow_mixed_types=True,
+        data=[[_pct(v) if k in percent else v for k, v in r.items()] for r in records],
+    )
 
     def series(*keys: tuple[str, str]):
         """Lines over the classes learned, skipping steps without a value (old classes at step 0)."""
@@ -264,8 +288,11 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
         kept = [(p, label) for p, (_, label) in zip(points, keys) if p]
         return ([[a for a, _ in p] for p, _ in kept], [[b for _, b in p] for p, _ in kept], [lbl for _, lbl in kept])
 
-    curves = [("seen_accuracy", "all seen classes"), ("old_accuracy", "old classes"),
-              ("new_accuracy", "new classes (this step)")]
+    curves = [
+        ("seen_accuracy", "all seen classes"),
+        ("old_accuracy", "old classes"),
+        ("new_accuracy", "new classes (this step)"),
+    ]
     if any(r["nme_seen_accuracy"] is not None for r in records):
         curves.append(("nme_seen_accuracy", "all seen classes, NME"))
     xs, ys, keys = series(*curves)
@@ -273,21 +300,29 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
         "accuracy_matrix": matrix,
         "steps": steps,
         "charts/accuracy_per_step": wandb.plot.line_series(
-            xs=xs, ys=ys, keys=keys, title="accuracy (%) after each step", xname="classes learned"),
+            xs=xs, ys=ys, keys=keys, title="accuracy (%) after each step", xname="classes learned"
+        ),
     }
     sizes = results["benchmark"]["classes_per_exp"]
     for r in records:
         r["unbiased_share"] = sizes[r["step"]] / r["classes_seen"]
-    xs, ys, keys = series(("new_prediction_share", "predictions in the newest classes"),
-                          ("unbiased_share", "newest classes / seen classes"))
+    xs, ys, keys = series(
+        ("new_prediction_share", "predictions in the newest classes"),
+        ("unbiased_share", "newest classes / seen classes"),
+    )
     if len(keys) == 2:
         logs["charts/new_prediction_share"] = wandb.plot.line_series(
-            xs=xs, ys=ys, keys=keys, title="share of test predictions in the newest classes (%)",
-            xname="classes learned")
+            xs=xs,
+            ys=ys,
+            keys=keys,
+            title="share of test predictions in the newest classes (%)",
+            xname="classes learned",
+        )
     for name, summary in (results.get("plugins") or {}).items():
         for key, (columns, rows) in plugin_step_tables(summary or {}).items():
             logs[f"plugins/{name}/{key}"] = wandb.Table(
-                columns=columns, data=[[_cell(v) for v in row] for row in rows], allow_mixed_types=True)
+                columns=columns, data=[[_cell(v) for v in row] for row in rows], allow_mixed_types=True
+            )
     return logs
 
 
@@ -301,8 +336,13 @@ def final_summary(results: dict[str, Any]) -> dict[str, Any]:
     summary.update({f"nme/{key}": nme[key] for key, _, _ in HEADLINE if nme.get(key) is not None})
     for name, plugin_summary in (results.get("plugins") or {}).items():
         tables = plugin_step_tables(plugin_summary or {})
-        summary.update({f"plugins/{name}/{k}": v for k, v in (plugin_summary or {}).items()
-                        if k not in tables and (_number(v) is not None or isinstance(v, str))})
+        summary.update(
+            {
+                f"plugins/{name}/{k}": v
+                for k, v in (plugin_summary or {}).items()
+                if k not in tables and (_number(v) is not None or isinstance(v, str))
+            }
+        )
     return summary
 
 
@@ -310,8 +350,11 @@ def run_dir_artifact(folder: Path, run_name: str):
     """The run directory's files (not its W&B folder) as an artifact of type ``run-directory``."""
     import wandb
 
-    artifact = wandb.Artifact(re.sub(r"[^\w.-]+", "-", f"{run_name}-files"), type="run-directory",
-                              description="cl-ext run directory: recipe, environment, metrics, checkpoint, report")
+    artifact = wandb.Artifact(
+        re.sub(r"[^\w.-]+", "-", f"{run_name}-files"),
+        type="run-directory",
+        description="cl-ext run directory: recipe, environment, metrics, checkpoint, report",
+    )
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if path.is_file() and relative.parts[0] != "wandb" and path.suffix != ".tmp":

@@ -15,8 +15,9 @@ samples of a new class are chosen at random before it is trained on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -236,8 +237,7 @@ class ExemplarMemory:
         quota = self.quota(n_classes)
         if quota < 1:
             raise ValueError(
-                f"memory size {self.size} is smaller than the {n_classes} "
-                "classes seen: raise strategy.memory.size"
+                f"memory size {self.size} is smaller than the {n_classes} classes seen: raise strategy.memory.size"
             )
         if self.holdout and any(
             label not in self._holdout or self._holdout[label].experience != experience for label in new_classes
@@ -259,7 +259,9 @@ class ExemplarMemory:
                     model, dataset.subset(pool.tolist()), device, self.feature_fn, self.batch_size, tensor
                 )
                 features = dict(zip(candidates, pooled.split([len(c) for c in candidates.values()])))
-            self.last_herding = {label: (rows, features[label]) for label, rows in candidates.items() if label in features}
+            self.last_herding = {
+                label: (rows, features[label]) for label, rows in candidates.items() if label in features
+            }
             for label, rows in candidates.items():
                 if self.selection == "herding":
                     order = herding_order(features[label], quota - n_holdout)

@@ -19,8 +19,9 @@ evaluate on ``test_stream[: t + 1]`` after each training experience.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,19 +110,19 @@ class _Counts:
     predicted_newest: int = 0
 
 
-def summarize(
-    counts: Sequence[dict[int, _Counts]], newest_classes_known: bool = True
-) -> dict[str, Any]:
+def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool = True) -> dict[str, Any]:
     """All derived metrics from per-step, per-test-experience counts."""
     n_steps = len(counts)
     width = max((max(row) + 1 for row in counts if row), default=0)
     matrix: list[list[float | None]] = []
     seen, old, new, share = [], [], [], []
     for t, row in enumerate(counts):
-        matrix.append([
-            row[j].correct / row[j].total if (j <= t and j in row and row[j].total) else None
-            for j in range(max(width, n_steps))
-        ])
+        matrix.append(
+            [
+                row[j].correct / row[j].total if (j <= t and j in row and row[j].total) else None
+                for j in range(max(width, n_steps))
+            ]
+        )
         seen_rows = [row[j] for j in row if j <= t]
         old_rows = [row[j] for j in row if j < t]
         total = sum(c.total for c in seen_rows)
@@ -236,9 +237,7 @@ class IncrementalAccuracy(PluginMetric[dict]):
         return {
             "step": self.step,
             "exp_classes": {e: sorted(cs) for e, cs in self.exp_classes.items()},
-            "counts": [
-                {j: [c.correct, c.total, c.predicted_newest] for j, c in row.items()} for row in self.counts
-            ],
+            "counts": [{j: [c.correct, c.total, c.predicted_newest] for j, c in row.items()} for row in self.counts],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

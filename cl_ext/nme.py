@@ -28,9 +28,7 @@ class NMEClassifier:
         self.classes = classes
 
     @classmethod
-    def fit(
-        cls, features: torch.Tensor, labels: torch.Tensor, mirrored: torch.Tensor | None = None
-    ) -> "NMEClassifier":
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, mirrored: torch.Tensor | None = None) -> NMEClassifier:
         """Class means of ``features`` (N, D); ``mirrored``: the same samples' mirror-image features,
         averaged in with equal weight."""
         classes = labels.unique(sorted=True)

@@ -9,9 +9,9 @@ moving and its log names what is running. With nobody listening a phase costs no
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 Advance = Callable[[int], None]
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch

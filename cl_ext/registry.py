@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -120,13 +121,22 @@ def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callab
 
     def decorate(builder: Callable) -> Callable:
         doc = inspect.getdoc(builder) or ""
-        entry = Entry(kind, name, aliases, builder.__module__, doc.splitlines()[0] if doc else "",
-                      _signature_fields(kind, name, builder), builder)
+        entry = Entry(
+            kind,
+            name,
+            aliases,
+            builder.__module__,
+            doc.splitlines()[0] if doc else "",
+            _signature_fields(kind, name, builder),
+            builder,
+        )
         for key in (name, *aliases):
             existing = _REGISTRY[kind].get(key)
             # The catalog's entry stands for its module's own registration, which replaces it.
-            replaces = existing is None or existing.loaded_builder is builder or (
-                not existing.loaded and existing.module == entry.module
+            replaces = (
+                existing is None
+                or existing.loaded_builder is builder
+                or (not existing.loaded and existing.module == entry.module)
             )
             if not replaces:
                 raise ValueError(f"{kind} {key!r} is already registered")

@@ -25,11 +25,12 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -163,6 +164,7 @@ def load_run(path: str | Path) -> RunData:
 
 def label_runs(runs: Sequence[RunData]) -> None:
     """Name each run by its method; add the run name, then the folder, where that is ambiguous."""
+
     def unique(labels: list[str]) -> bool:
         return len(set(labels)) == len(labels)
 
@@ -278,8 +280,15 @@ def figure_accuracy_curves(runs: Sequence[RunData], title: str) -> MplFigure:
         if run.nme:
             y_nme = _pct_list(run.nme["seen_accuracy"])
             plotted.append(y_nme)
-            ax.plot(run.classes_seen[: len(y_nme)], y_nme, marker="s", ls="--", mfc="none", color=f"C{i}",
-                    label=f"{run.label}, NME (avg. incr. {fmt_pct(run.nme.get('average_incremental_accuracy'))}%)")
+            ax.plot(
+                run.classes_seen[: len(y_nme)],
+                y_nme,
+                marker="s",
+                ls="--",
+                mfc="none",
+                color=f"C{i}",
+                label=f"{run.label}, NME (avg. incr. {fmt_pct(run.nme.get('average_incremental_accuracy'))}%)",
+            )
     _accuracy_axis(ax, plotted, "accuracy on all classes seen (%)")
     ax.set_xticks(sorted(ticks))
     ax.set_xlabel("number of classes learned")
@@ -329,9 +338,14 @@ def figure_accuracy_matrix(run: RunData) -> MplFigure:
     sizes = run.metrics["benchmark"]["classes_per_exp"]
     starts = np.cumsum([0] + list(sizes))
     tick_step = max(1, n_exp // 12)
-    ax.set_xticks(range(0, n_exp, tick_step),
-                  [f"{j}\n{starts[j]}–{starts[j + 1] - 1}" if j + 1 < len(starts) else str(j)
-                   for j in range(0, n_exp, tick_step)], fontsize=8)
+    ax.set_xticks(
+        range(0, n_exp, tick_step),
+        [
+            f"{j}\n{starts[j]}–{starts[j + 1] - 1}" if j + 1 < len(starts) else str(j)
+            for j in range(0, n_exp, tick_step)
+        ],
+        fontsize=8,
+    )
     ax.set_yticks(range(0, len(matrix), tick_step))
     ax.set_xlabel("test experience (and its classes, in learning order)")
     ax.set_ylabel("after training step")
@@ -344,8 +358,11 @@ def figure_old_new(run: RunData) -> MplFigure:
     """Old vs new classes per step, and the share of predictions that go to the newest classes."""
     fig, (ax_acc, ax_share) = _new_figure(10.0, 3.8, ncols=2)
     m, x = run.metrics, run.classes_seen
-    curves = [("seen_accuracy", "all seen classes", "o"), ("old_accuracy", "old classes", "v"),
-              ("new_accuracy", "new classes (this step)", "^")]
+    curves = [
+        ("seen_accuracy", "all seen classes", "o"),
+        ("old_accuracy", "old classes", "v"),
+        ("new_accuracy", "new classes (this step)", "^"),
+    ]
     plotted = []
     for key, label, marker in curves:
         y = _pct_list(m[key])
@@ -359,8 +376,13 @@ def figure_old_new(run: RunData) -> MplFigure:
     reference = np.array([100 * sizes[t] / x[t] for t in range(len(x))])
     ax_share.plot(x, share, marker="o", color="C3", label="predictions in the newest classes")
     ax_share.plot(x, reference, ls=":", color="gray", label="newest classes / seen classes (unbiased)")
-    ax_share.set(xlabel="number of classes learned", ylabel="share of test predictions (%)", ylim=(0, 101),
-                 title="bias towards the newest classes", xticks=x)
+    ax_share.set(
+        xlabel="number of classes learned",
+        ylabel="share of test predictions (%)",
+        ylim=(0, 101),
+        title="bias towards the newest classes",
+        xticks=x,
+    )
     ax_share.grid(alpha=0.3)
     ax_share.legend(fontsize="small", loc="upper right")
     fig.suptitle(f"{run.label}: old vs new classes")
@@ -382,7 +404,9 @@ class KnownSeries:
 
 KNOWN_SERIES = (
     KnownSeries(
-        ("alpha", "beta"), "bias correction learned at each step", "value",
+        ("alpha", "beta"),
+        "bias correction learned at each step",
+        "value",
         ("α (scale of the new classes' logits)", "β (offset of the new classes' logits)"),
         "Bias correction (Wu et al., CVPR 2019): after each step the logits o of the classes new at "
         "that step become α·o + β, fitted on held-out exemplars; α = 1, β = 0 is no correction, "
@@ -390,7 +414,9 @@ KNOWN_SERIES = (
         (1.0, 0.0),
     ),
     KnownSeries(
-        ("scale_min", "scale_mean", "scale_max"), "rescaling of old-class scores at each step", "factor",
+        ("scale_min", "scale_mean", "scale_max"),
+        "rescaling of old-class scores at each step",
+        "factor",
         ("smallest factor", "mean factor", "largest factor"),
         "Score rectification (Belouadah & Popescu, ICCV 2019): old-class scores are multiplied by "
         "these factors when a prediction falls in a new class; 1 is no change.",
@@ -426,8 +452,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def figure_known_series(run: RunData, plugin: str, known: KnownSeries, columns: list[str],
-                        rows: list[list[Any]]) -> MplFigure:
+def figure_known_series(
+    run: RunData, plugin: str, known: KnownSeries, columns: list[str], rows: list[list[Any]]
+) -> MplFigure:
     fig, ax = _new_figure(6.4, 3.4)
     x_column = columns.index("experience") if "experience" in columns else None
     x = [row[x_column] if x_column is not None else i for i, row in enumerate(rows)]
@@ -436,8 +463,12 @@ def figure_known_series(run: RunData, plugin: str, known: KnownSeries, columns: 
         ax.plot(x, [np.nan if v is None else v for v in y], marker="o", color=f"C{i}", label=label)
     for i, value in enumerate(sorted(set(known.neutral))):
         ax.axhline(value, ls=":", color="gray", label="no correction" if i == 0 else None)
-    ax.set(xlabel="training step (experience)" if x_column is not None else "entry", ylabel=known.ylabel,
-           title=f"{run.label}: {known.title}", xticks=x)
+    ax.set(
+        xlabel="training step (experience)" if x_column is not None else "entry",
+        ylabel=known.ylabel,
+        title=f"{run.label}: {known.title}",
+        xticks=x,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return fig
@@ -446,26 +477,50 @@ def figure_known_series(run: RunData, plugin: str, known: KnownSeries, columns: 
 def plugin_blocks(run: RunData, name: str, summary: dict[str, Any], figure_prefix: str) -> list[Block]:
     blocks: list[Block] = []
     tables = plugin_step_tables(summary)
-    per_step = {k: v for k, v in summary.items()
-                if isinstance(v, list) and 1 < len(v) == run.n_steps and all(_is_number(x) or x is None for x in v)}
+    per_step = {
+        k: v
+        for k, v in summary.items()
+        if isinstance(v, list) and 1 < len(v) == run.n_steps and all(_is_number(x) or x is None for x in v)
+    }
     settings = flatten({k: v for k, v in summary.items() if k not in tables and k not in per_step})
     if settings:
-        blocks.append(Table(["setting", "value"], [[k, fmt_value(v)] for k, v in settings.items()],
-                            caption=f"{name}: settings and values"))
+        blocks.append(
+            Table(
+                ["setting", "value"],
+                [[k, fmt_value(v)] for k, v in settings.items()],
+                caption=f"{name}: settings and values",
+            )
+        )
     if per_step:
-        blocks.append(Table(["step", *per_step], [[str(t)] + [fmt_value(v[t]) for v in per_step.values()]
-                                                  for t in range(run.n_steps)], caption=f"{name}: values per step"))
+        blocks.append(
+            Table(
+                ["step", *per_step],
+                [[str(t)] + [fmt_value(v[t]) for v in per_step.values()] for t in range(run.n_steps)],
+                caption=f"{name}: values per step",
+            )
+        )
     for key, (columns, rows) in tables.items():
         for known in KNOWN_SERIES:
-            if all(k in columns and all(_is_number(r[columns.index(k)]) or r[columns.index(k)] is None for r in rows)
-                   for k in known.keys):
+            if all(
+                k in columns and all(_is_number(r[columns.index(k)]) or r[columns.index(k)] is None for r in rows)
+                for k in known.keys
+            ):
                 blocks.append(Text(known.note))
-                blocks.append(Figure(f"{figure_prefix}-{name}-{'-'.join(known.keys)}",
-                                     f"{run.label}: {known.title}",
-                                     partial(figure_known_series, run, name, known, columns, rows),
-                                     panels=[{"type": "summary_table", "key": f"plugins/{name}/{key}"}]))
-        blocks.append(Table(columns, [[fmt_value(v) for v in row] for row in rows],
-                            caption=f"{name}: {key.replace('_', ' ')}, one row per step"))
+                blocks.append(
+                    Figure(
+                        f"{figure_prefix}-{name}-{'-'.join(known.keys)}",
+                        f"{run.label}: {known.title}",
+                        partial(figure_known_series, run, name, known, columns, rows),
+                        panels=[{"type": "summary_table", "key": f"plugins/{name}/{key}"}],
+                    )
+                )
+        blocks.append(
+            Table(
+                columns,
+                [[fmt_value(v) for v in row] for row in rows],
+                caption=f"{name}: {key.replace('_', ' ')}, one row per step",
+            )
+        )
     return blocks
 
 
@@ -488,21 +543,24 @@ def step_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     nme = metrics.get("nme") or {}
     records = []
     for t in range(len(metrics["seen_accuracy"])):
-        def at(source: dict[str, Any], key: str) -> Any:
+
+        def at(source: dict[str, Any], key: str, t: int = t) -> Any:
             values = source.get(key) or []
             return values[t] if t < len(values) else None
 
-        records.append({
-            "step": t,
-            "classes_seen": int(sum(sizes[: t + 1])),
-            "seen_accuracy": at(metrics, "seen_accuracy"),
-            "old_accuracy": at(metrics, "old_accuracy"),
-            "new_accuracy": at(metrics, "new_accuracy"),
-            "new_prediction_share": at(metrics, "new_prediction_share"),
-            "forgetting": at(metrics, "forgetting_per_step"),
-            "nme_seen_accuracy": at(nme, "seen_accuracy"),
-            "wall_time_s": at(metrics, "wall_time_per_exp"),
-        })
+        records.append(
+            {
+                "step": t,
+                "classes_seen": int(sum(sizes[: t + 1])),
+                "seen_accuracy": at(metrics, "seen_accuracy"),
+                "old_accuracy": at(metrics, "old_accuracy"),
+                "new_accuracy": at(metrics, "new_accuracy"),
+                "new_prediction_share": at(metrics, "new_prediction_share"),
+                "forgetting": at(metrics, "forgetting_per_step"),
+                "nme_seen_accuracy": at(nme, "seen_accuracy"),
+                "wall_time_s": at(metrics, "wall_time_per_exp"),
+            }
+        )
     return records
 
 
@@ -513,8 +571,15 @@ def steps_table(run: RunData) -> Table:
     columns += ["time"]
     rows = []
     for r in step_records(run.metrics):
-        row = [str(r["step"]), str(r["classes_seen"]), fmt_pct(r["seen_accuracy"]), fmt_pct(r["old_accuracy"]),
-               fmt_pct(r["new_accuracy"]), fmt_pct(r["new_prediction_share"], 1), fmt_pct(r["forgetting"])]
+        row = [
+            str(r["step"]),
+            str(r["classes_seen"]),
+            fmt_pct(r["seen_accuracy"]),
+            fmt_pct(r["old_accuracy"]),
+            fmt_pct(r["new_accuracy"]),
+            fmt_pct(r["new_prediction_share"], 1),
+            fmt_pct(r["forgetting"]),
+        ]
         row += [fmt_pct(r["nme_seen_accuracy"])] if with_nme else []
         rows.append(row + [fmt_duration(r["wall_time_s"])])
     return Table(columns, rows, caption="After each training step, on the test data of all classes seen so far")
@@ -530,70 +595,129 @@ def run_sections(run: RunData, key: str, level: int = 2) -> list[Section]:
     bench = m["benchmark"]
     sizes = bench["classes_per_exp"]
     split = "+".join(map(str, sizes)) if len(set(sizes)) > 1 else f"{len(sizes)} × {sizes[0]}"
-    lines = [f"Method {run.method} on {bench['name']} ({bench['n_classes']} classes, experiences of {split} classes); "
-             f"run directory {run.path}."]
+    lines = [
+        f"Method {run.method} on {bench['name']} ({bench['n_classes']} classes, experiences of {split} classes); "
+        f"run directory {run.path}."
+    ]
     if not m.get("finished", True):
-        lines.append(f"The run stopped after {m.get('completed_experiences')} of {m.get('n_experiences')} "
-                     "experiences: the numbers cover the finished ones.")
+        lines.append(
+            f"The run stopped after {m.get('completed_experiences')} of {m.get('n_experiences')} "
+            "experiences: the numbers cover the finished ones."
+        )
     rising = rising_losses(m.get("train_loss") or [])
     if rising:
-        lines.append("Warning: the training loss rose over experience(s) "
-                     f"{', '.join(str(t + 1) for t in rising)} (last epoch above the first): see the loss curve.")
+        lines.append(
+            "Warning: the training loss rose over experience(s) "
+            f"{', '.join(str(t + 1) for t in rising)} (last epoch above the first): see the loss curve."
+        )
     if m.get("non_finite"):
         shown = ", ".join(m["non_finite"][:6]) + (", ..." if len(m["non_finite"]) > 6 else "")
-        lines.append(f"Warning: {len(m['non_finite'])} value(s) were NaN or infinite and are left blank "
-                     f"({shown}): something in this run diverged.")
+        lines.append(
+            f"Warning: {len(m['non_finite'])} value(s) were NaN or infinite and are left blank "
+            f"({shown}): something in this run diverged."
+        )
     seen_keys = [f"{CNN_PREFIX}/seen_accuracy"] + ([f"{NME_PREFIX}/seen_accuracy"] if run.nme else [])
     blocks: list[Block] = [Text(" ".join(lines)), headline_table(run)]
-    blocks.append(Figure(f"{key}-accuracy", f"{run.label}: accuracy per step",
-                         partial(figure_accuracy_curves, [run], f"{run.label}: accuracy after each step"),
-                         panels=[_line_panel("accuracy on all classes seen", seen_keys, "accuracy (fraction)")]))
-    blocks.append(Figure(f"{key}-matrix", f"{run.label}: accuracy matrix", partial(figure_accuracy_matrix, run),
-                         caption="Row t: accuracy on each experience's test data after training step t.",
-                         panels=[{"type": "summary_table", "key": "accuracy_matrix"}]))
-    blocks.append(Figure(
-        f"{key}-old-new", f"{run.label}: old vs new classes", partial(figure_old_new, run),
-        caption="Right: a classifier without bias towards the newest classes would put about the dotted "
-                "share of its predictions in them (balanced test classes).",
-        panels=[_line_panel("old vs new classes", [f"{CNN_PREFIX}/old_accuracy", f"{CNN_PREFIX}/new_accuracy"],
-                            "accuracy (fraction)"),
-                _line_panel("share of predictions in the newest classes", [f"{CNN_PREFIX}/new_prediction_share"],
-                            "share (fraction)")],
-    ))
+    blocks.append(
+        Figure(
+            f"{key}-accuracy",
+            f"{run.label}: accuracy per step",
+            partial(figure_accuracy_curves, [run], f"{run.label}: accuracy after each step"),
+            panels=[_line_panel("accuracy on all classes seen", seen_keys, "accuracy (fraction)")],
+        )
+    )
+    blocks.append(
+        Figure(
+            f"{key}-matrix",
+            f"{run.label}: accuracy matrix",
+            partial(figure_accuracy_matrix, run),
+            caption="Row t: accuracy on each experience's test data after training step t.",
+            panels=[{"type": "summary_table", "key": "accuracy_matrix"}],
+        )
+    )
+    blocks.append(
+        Figure(
+            f"{key}-old-new",
+            f"{run.label}: old vs new classes",
+            partial(figure_old_new, run),
+            caption="Right: a classifier without bias towards the newest classes would put about the dotted "
+            "share of its predictions in them (balanced test classes).",
+            panels=[
+                _line_panel(
+                    "old vs new classes",
+                    [f"{CNN_PREFIX}/old_accuracy", f"{CNN_PREFIX}/new_accuracy"],
+                    "accuracy (fraction)",
+                ),
+                _line_panel(
+                    "share of predictions in the newest classes",
+                    [f"{CNN_PREFIX}/new_prediction_share"],
+                    "share (fraction)",
+                ),
+            ],
+        )
+    )
     if any(m.get("train_loss") or []):
-        blocks.append(Figure(f"{key}-loss", f"{run.label}: training loss", partial(figure_training_loss, run),
-                             caption="Mean loss over each epoch's batches (the loss the optimizer saw, "
-                                     "plugins' terms included)."))
+        blocks.append(
+            Figure(
+                f"{key}-loss",
+                f"{run.label}: training loss",
+                partial(figure_training_loss, run),
+                caption="Mean loss over each epoch's batches (the loss the optimizer saw, plugins' terms included).",
+            )
+        )
     blocks.append(steps_table(run))
     sections = [Section(run.label, f"{key}", blocks, [run], level)]
     for name, summary in (m.get("plugins") or {}).items():
         if isinstance(summary, dict) and summary:
-            sections.append(Section(f"{run.label}: plugin {name}", f"{key}-plugin-{_slug(name)}",
-                                    plugin_blocks(run, name, summary, key), [run], level + 1))
+            sections.append(
+                Section(
+                    f"{run.label}: plugin {name}",
+                    f"{key}-plugin-{_slug(name)}",
+                    plugin_blocks(run, name, summary, key),
+                    [run],
+                    level + 1,
+                )
+            )
     env = run.environment or {}
-    sections.append(Section(
-        f"{run.label}: recipe and environment", f"{key}-recipe",
-        [Code(_recipe_text(run), "yaml"),
-         Table(["", "value"], [[k, fmt_value(v)] for k, v in env.items()], caption="Environment")]
-        if env else [Code(_recipe_text(run), "yaml")],
-        [run], level + 1,
-    ))
+    sections.append(
+        Section(
+            f"{run.label}: recipe and environment",
+            f"{key}-recipe",
+            [
+                Code(_recipe_text(run), "yaml"),
+                Table(["", "value"], [[k, fmt_value(v)] for k, v in env.items()], caption="Environment"),
+            ]
+            if env
+            else [Code(_recipe_text(run), "yaml")],
+            [run],
+            level + 1,
+        )
+    )
     return sections
 
 
 def comparison_table(runs: Sequence[RunData]) -> Table:
     # (metrics.json key, column, larger is better)
-    scored = [("average_incremental_accuracy", "avg. incr. acc. (%)", True),
-              ("average_incremental_accuracy_excl_first", "avg. incr. acc. excl. first (%)", True),
-              ("final_accuracy", "final acc. (%)", True),
-              ("forgetting", "forgetting (points)", False)]
+    scored = [
+        ("average_incremental_accuracy", "avg. incr. acc. (%)", True),
+        ("average_incremental_accuracy_excl_first", "avg. incr. acc. excl. first (%)", True),
+        ("final_accuracy", "final acc. (%)", True),
+        ("forgetting", "forgetting (points)", False),
+    ]
     columns = ["run", "run name", "benchmark", "steps"] + [c for _, c, _ in scored] + ["wall time"]
     rows, bold = [], set()
     for run in runs:
         m = run.metrics
-        rows.append([run.label, m.get("run_name") or run.path.name, m["benchmark"]["name"],
-                     f"{m.get('completed_experiences', run.n_steps)}/{m.get('n_experiences', run.n_steps)}"]
-                    + [fmt_pct(m.get(k)) for k, _, _ in scored] + [fmt_duration(m.get("total_wall_time"))])
+        rows.append(
+            [
+                run.label,
+                m.get("run_name") or run.path.name,
+                m["benchmark"]["name"],
+                f"{m.get('completed_experiences', run.n_steps)}/{m.get('n_experiences', run.n_steps)}",
+            ]
+            + [fmt_pct(m.get(k)) for k, _, _ in scored]
+            + [fmt_duration(m.get("total_wall_time"))]
+        )
     for j, (key, _, larger) in enumerate(scored):
         values = [r.metrics.get(key) for r in runs]
         known = [v for v in values if v is not None]
@@ -611,20 +735,31 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> Report:
     label_runs(runs)
     if len(runs) == 1:
         run = runs[0]
-        return Report(title or f"{run.label} on {run.metrics['benchmark']['name']}: run report",
-                      run_sections(run, "run"), runs)
-    benchmarks = sorted({json.dumps([r.metrics["benchmark"]["name"], r.metrics["benchmark"]["classes_per_exp"]])
-                         for r in runs})
+        return Report(
+            title or f"{run.label} on {run.metrics['benchmark']['name']}: run report", run_sections(run, "run"), runs
+        )
+    benchmarks = sorted(
+        {json.dumps([r.metrics["benchmark"]["name"], r.metrics["benchmark"]["classes_per_exp"]]) for r in runs}
+    )
     blocks: list[Block] = []
     if len(benchmarks) > 1:
-        blocks.append(Text("Careful: these runs use different benchmarks or class splits, so their numbers "
-                           "are not directly comparable."))
+        blocks.append(
+            Text(
+                "Careful: these runs use different benchmarks or class splits, so their numbers "
+                "are not directly comparable."
+            )
+        )
     blocks.append(comparison_table(runs))
     keys = [f"{CNN_PREFIX}/seen_accuracy"]
-    blocks.append(Figure("comparison-accuracy", "accuracy per step, all runs",
-                         partial(figure_accuracy_curves, runs, "accuracy after each step"),
-                         caption="Dashed: nearest-mean-of-exemplars classifier, where the run measured it.",
-                         panels=[_line_panel("accuracy on all classes seen", keys, "accuracy (fraction)")]))
+    blocks.append(
+        Figure(
+            "comparison-accuracy",
+            "accuracy per step, all runs",
+            partial(figure_accuracy_curves, runs, "accuracy after each step"),
+            caption="Dashed: nearest-mean-of-exemplars classifier, where the run measured it.",
+            panels=[_line_panel("accuracy on all classes seen", keys, "accuracy (fraction)")],
+        )
+    )
     sections = [Section("Comparison", "comparison", blocks, runs)]
     for i, run in enumerate(runs):
         sections += run_sections(run, f"run{i + 1}")
@@ -664,8 +799,11 @@ _NUMBER = re.compile(r"^[-+–]?\d[\d.,]*( ?%| s| min \d+ s| h \d+ min)?$|^–$|
 
 def _text_columns(table: Table) -> set[int]:
     """Columns holding words rather than numbers: aligned left, numbers right."""
-    return {j for j in range(len(table.columns))
-            if j == 0 or any(row[j] and not _NUMBER.match(row[j]) for row in table.rows)}
+    return {
+        j
+        for j in range(len(table.columns))
+        if j == 0 or any(row[j] and not _NUMBER.match(row[j]) for row in table.rows)
+    }
 
 
 def _html_table(table: Table) -> str:
@@ -677,8 +815,10 @@ def _html_table(table: Table) -> str:
     head = "".join(cell("th", j, html.escape(c)) for j, c in enumerate(table.columns))
     body = []
     for i, row in enumerate(table.rows):
-        cells = [cell("td", j, f"<b>{html.escape(c)}</b>" if (i, j) in table.bold else html.escape(c))
-                 for j, c in enumerate(row)]
+        cells = [
+            cell("td", j, f"<b>{html.escape(c)}</b>" if (i, j) in table.bold else html.escape(c))
+            for j, c in enumerate(row)
+        ]
         body.append("<tr>" + "".join(cells) + "</tr>")
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     return f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
@@ -716,7 +856,8 @@ def _html_blocks(blocks: Sequence[Block]) -> str:
 def render_html(report: Report) -> str:
     """One page with everything inline: opens from disk with no network access."""
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(report.title)}</title><style>{CSS}</style></head><body><main>",
         f"<h1>{html.escape(report.title)}</h1>",
@@ -731,8 +872,10 @@ def render_html(report: Report) -> str:
         parts.append(f'<section id="{section.anchor}"><{tag}>{html.escape(section.title)}</{tag}>')
         parts.append(_html_blocks(section.blocks))
         parts.append("</section>")
-    parts.append("<footer>Accuracies in % of test samples; forgetting in percentage points (Chaudhry et al. "
-                 "2018); average incremental accuracy as in Rebuffi et al. 2017.</footer></main></body></html>")
+    parts.append(
+        "<footer>Accuracies in % of test samples; forgetting in percentage points (Chaudhry et al. "
+        "2018); average incremental accuracy as in Rebuffi et al. 2017.</footer></main></body></html>"
+    )
     return "\n".join(parts)
 
 
@@ -743,8 +886,10 @@ def _md_cell(text: str) -> str:
 
 def _md_table(table: Table) -> str:
     text_columns = _text_columns(table)
-    lines = ["| " + " | ".join(_md_cell(c) or " " for c in table.columns) + " |",
-             "|" + "|".join(":---" if j in text_columns else "---:" for j in range(len(table.columns))) + "|"]
+    lines = [
+        "| " + " | ".join(_md_cell(c) or " " for c in table.columns) + " |",
+        "|" + "|".join(":---" if j in text_columns else "---:" for j in range(len(table.columns))) + "|",
+    ]
     for i, row in enumerate(table.rows):
         cells = [f"**{_md_cell(c)}**" if (i, j) in table.bold and c else _md_cell(c) for j, c in enumerate(row)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -755,8 +900,11 @@ def _md_table(table: Table) -> str:
 
 def render_markdown(report: Report, image_dir: str) -> str:
     """Markdown that links the figures as ``image_dir/NAME.png`` (see :func:`write_report`)."""
-    parts = [f"# {report.title}", "",
-             f"cl-ext report of {len(report.runs)} run{'s' if len(report.runs) > 1 else ''}, made {report.created}."]
+    parts = [
+        f"# {report.title}",
+        "",
+        f"cl-ext report of {len(report.runs)} run{'s' if len(report.runs) > 1 else ''}, made {report.created}.",
+    ]
     for section in report.sections:
         parts += ["", "#" * section.level + " " + section.title]
         for block in section.blocks:
@@ -839,15 +987,20 @@ def wandb_report_spec(report: Report, project: str | None = None, entity: str | 
         run_entity, run_project = _wandb_project(run)
         project = project or run_project
         entity = entity or run_entity
-    spec: dict[str, Any] = {"title": report.title[:128], "project": project or "cl-ext", "entity": entity,
-                            "description": f"cl-ext report of {len(report.runs)} run(s)", "blocks": []}
+    spec: dict[str, Any] = {
+        "title": report.title[:128],
+        "project": project or "cl-ext",
+        "entity": entity,
+        "description": f"cl-ext report of {len(report.runs)} run(s)",
+        "blocks": [],
+    }
     blocks = spec["blocks"]
     for section in report.sections:
         blocks.append({"type": f"h{min(section.level, 3)}", "text": section.title})
         panels: list[dict[str, Any]] = []
         run_ids = sorted({i for run in section.runs for i in run.wandb_run_ids()})
 
-        def flush() -> None:
+        def flush(panels: list[dict[str, Any]] = panels, run_ids: list[str] = run_ids) -> None:
             if panels:
                 blocks.append({"type": "panel_grid", "run_ids": run_ids, "panels": list(panels)})
                 panels.clear()
@@ -888,13 +1041,19 @@ def wandb_report_objects(spec: dict[str, Any]):
         if kind == "code":
             return wr.CodeBlock(code=b["text"], language=b["language"])
         ids = ", ".join(repr(i) for i in b["run_ids"])
-        runset = wr.Runset(entity=spec["entity"] or "", project=spec["project"],
-                           filters=f"Metric('ID') in [{ids}]" if ids else "")
+        runset = wr.Runset(
+            entity=spec["entity"] or "", project=spec["project"], filters=f"Metric('ID') in [{ids}]" if ids else ""
+        )
         return wr.PanelGrid(runsets=[runset], panels=[panel(p) for p in b["panels"]])
 
     kwargs = {"entity": spec["entity"]} if spec["entity"] else {}
-    return wr.Report(project=spec["project"], title=spec["title"], description=spec["description"],
-                     blocks=[block(b) for b in spec["blocks"]], **kwargs)
+    return wr.Report(
+        project=spec["project"],
+        title=spec["title"],
+        description=spec["description"],
+        blocks=[block(b) for b in spec["blocks"]],
+        **kwargs,
+    )
 
 
 def publish_wandb_report(spec: dict[str, Any]) -> str:

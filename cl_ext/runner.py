@@ -21,10 +21,11 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,11 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimi
         # foreach: one multi-tensor kernel per update instead of a Python loop over the
         # parameters (torch picks it on GPUs only); the same arithmetic, bit for bit.
         return torch.optim.SGD(
-            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
+            model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
             foreach=True,
         )
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
@@ -146,12 +151,18 @@ class ProgressPlugin(SupervisedPlugin):
         self.epoch_losses.extend([] for _ in range(experience + 1 - len(self.epoch_losses)))
         self.epoch_losses[experience].append(loss)
         if self.on_epoch is not None:
-            self.on_epoch(EpochReport(
-                experience=experience, n_experiences=self.n_experiences,
-                # Avalanche's clock comes after this plugin: it has not counted this epoch yet.
-                epoch=strategy.clock.train_exp_epochs + 1, epochs=strategy.train_epochs,
-                loss=loss, images_per_s=self._seen / max(seconds, 1e-9), seconds=seconds,
-            ))
+            self.on_epoch(
+                EpochReport(
+                    experience=experience,
+                    n_experiences=self.n_experiences,
+                    # Avalanche's clock comes after this plugin: it has not counted this epoch yet.
+                    epoch=strategy.clock.train_exp_epochs + 1,
+                    epochs=strategy.train_epochs,
+                    loss=loss,
+                    images_per_s=self._seen / max(seconds, 1e-9),
+                    seconds=seconds,
+                )
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_losses": [list(e) for e in self.epoch_losses]}
@@ -247,9 +258,11 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
     owns_memory = getattr(strategy_entry.builder, "owns_memory", False)
     named_plugins: dict[str, Any] = {}
     # First: it replaces Avalanche's loaders, and a plugin with loaders of its own still wins.
-    plugins: list[Any] = [] if recipe.strategy.data_path == "avalanche" else [
-        TensorDataPlugin(required=recipe.strategy.data_path == "tensor")
-    ]
+    plugins: list[Any] = (
+        []
+        if recipe.strategy.data_path == "avalanche"
+        else [TensorDataPlugin(required=recipe.strategy.data_path == "tensor")]
+    )
     memory_config = recipe.strategy.memory
     n_classes = ctx.benchmark.info.n_classes
     if memory_config is not None and memory_config.size is not None and memory_config.size < n_classes:
@@ -359,10 +372,16 @@ def code_version() -> dict[str, Any]:
 
 def environment_info(device: torch.device, seed: int) -> dict[str, Any]:
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(cl_ext.__file__).parent,
-        ).stdout.strip() or None
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(cl_ext.__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         sha = None
     code = code_version()
@@ -416,9 +435,7 @@ def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) ->
     for metric in exp.metrics:
         if metric is not main:
             out[metric.result_key] = metric.results()
-    summaries = {
-        name: plugin.summary() for name, plugin in exp.named_plugins.items() if hasattr(plugin, "summary")
-    }
+    summaries = {name: plugin.summary() for name, plugin in exp.named_plugins.items() if hasattr(plugin, "summary")}
     if summaries:
         out["plugins"] = summaries
     if exp.guard.skipped:
@@ -428,8 +445,15 @@ def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) ->
 
 
 STEP_COLUMNS = [
-    "step", "classes_seen", "seen_accuracy", "old_accuracy", "new_accuracy", "new_prediction_share",
-    "forgetting", "average_incremental_accuracy_so_far", "wall_time_s",
+    "step",
+    "classes_seen",
+    "seen_accuracy",
+    "old_accuracy",
+    "new_accuracy",
+    "new_prediction_share",
+    "forgetting",
+    "average_incremental_accuracy_so_far",
+    "wall_time_s",
 ]
 
 
@@ -443,9 +467,15 @@ def steps_csv(metrics: dict[str, Any]) -> str:
     for t in range(n):
         seen_so_far = [a for a in metrics["seen_accuracy"][: t + 1] if a is not None]
         row = [
-            t, sum(sizes[: t + 1]), metrics["seen_accuracy"][t], metrics["old_accuracy"][t],
-            metrics["new_accuracy"][t], metrics["new_prediction_share"][t], metrics["forgetting_per_step"][t],
-            float(np.mean(seen_so_far)) if seen_so_far else None, metrics["wall_time_per_exp"][t],
+            t,
+            sum(sizes[: t + 1]),
+            metrics["seen_accuracy"][t],
+            metrics["old_accuracy"][t],
+            metrics["new_accuracy"][t],
+            metrics["new_prediction_share"][t],
+            metrics["forgetting_per_step"][t],
+            float(np.mean(seen_so_far)) if seen_so_far else None,
+            metrics["wall_time_per_exp"][t],
         ]
         row += [metrics[k]["seen_accuracy"][t] if t < len(metrics[k]["seen_accuracy"]) else None for k in extra]
         row += [metrics["accuracy_matrix"][t][j] for j in range(n)]
@@ -454,8 +484,9 @@ def steps_csv(metrics: dict[str, Any]) -> str:
 
 
 # -- checkpoints and resume -----------------------------------------------------------------------
-def checkpoint_state(exp: Experiment, wall_times: list[float], epoch: int | None = None,
-                     elapsed: float = 0.0) -> dict[str, Any]:
+def checkpoint_state(
+    exp: Experiment, wall_times: list[float], epoch: int | None = None, elapsed: float = 0.0
+) -> dict[str, Any]:
     """Everything needed to continue: after ``len(wall_times)`` experiences, plus ``epoch`` epochs of the next."""
     strategy = exp.strategy
     plugins, not_resumable = state.plugin_states(strategy)
@@ -507,8 +538,9 @@ def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
     return [] if saved == current else [f"{path}: {saved!r} in the checkpoint, {current!r} now"]
 
 
-def resume_experiment(run_dir: str | Path, overrides: list[str] | None = None,
-                      recipe_path: str | Path | None = None) -> Experiment:
+def resume_experiment(
+    run_dir: str | Path, overrides: list[str] | None = None, recipe_path: str | Path | None = None
+) -> Experiment:
     """Rebuild the experiment of ``run_dir`` and load its last checkpoint.
 
     Refuses (:class:`ResumeError`, one message) a finished run, a run without checkpoint, a
@@ -542,12 +574,15 @@ def resume_experiment(run_dir: str | Path, overrides: list[str] | None = None,
         raise ResumeError(f"{path}: checkpoint format {newest.get('format')}, this cl-ext reads {CHECKPOINT_FORMAT}")
     changed = _differences(newest["recipe"], recipe_to_dict(recipe))
     if changed:
-        raise ResumeError(f"{run_dir}: the recipe differs from the one the run was started with: " + "; ".join(changed[:5]))
+        raise ResumeError(
+            f"{run_dir}: the recipe differs from the one the run was started with: " + "; ".join(changed[:5])
+        )
     changed = _differences(newest["code"], code_version())
     if changed:
         raise ResumeError(
             f"{run_dir}: the run was started with another code version, so it cannot continue bit for bit: "
-            + "; ".join(changed) + ". Reinstall that version to resume, or start the run again"
+            + "; ".join(changed)
+            + ". Reinstall that version to resume, or start the run again"
         )
     if newest["not_resumable"]:
         raise ResumeError(f"{run_dir}: the run cannot be resumed: " + "; ".join(newest["not_resumable"]))
@@ -628,8 +663,11 @@ def run_experiment(
     if exp.completed or exp.checkpoint is not None:
         previous = json.loads((run_dir / "environment.json").read_text())
         previous.setdefault("resumed", []).append(
-            {"at": environment["started"], "completed_experiences": exp.completed,
-             "epoch": exp.checkpoint["epoch"] if exp.checkpoint else None}
+            {
+                "at": environment["started"],
+                "completed_experiences": exp.completed,
+                "epoch": exp.checkpoint["epoch"] if exp.checkpoint else None,
+            }
         )
         environment = previous
     else:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from avalanche.models.utils import avalanche_model_adaptation
@@ -106,9 +107,7 @@ def _params(data: dict[str, ParamData]) -> dict[str, torch.Tensor]:
 
 
 def _param_data(tensors: dict[str, torch.Tensor], device) -> dict[str, ParamData]:
-    return {
-        name: ParamData(name, t.shape, device=device, init_tensor=t.to(device)) for name, t in tensors.items()
-    }
+    return {name: ParamData(name, t.shape, device=device, init_tensor=t.to(device)) for name, t in tensors.items()}
 
 
 def _save_flags(plugin: Clock | PeriodicEval, strategy) -> dict[str, Any]:

@@ -72,14 +72,29 @@ def build_cumulative(ctx: BuildContext) -> Cumulative:
 @register("strategy", "ewc")
 def build_ewc(
     ctx: BuildContext,
-    ewc_lambda: Annotated[float, Field(ge=0, description="weight of the EWC penalty (Avalanche's; see slnid_ewc.yaml for the SLNID authors' scale)")] = 5000.0,
-    mode: Annotated[Literal["separate", "online"], Field(description="separate: a penalty per task; online: one Fisher, decayed and summed")] = "separate",
-    decay_factor: Annotated[float | None, Field(ge=0, le=1, description="online mode: the old Fisher's weight (1: summed, as the SLNID authors)")] = None,
+    ewc_lambda: Annotated[
+        float,
+        Field(
+            ge=0, description="weight of the EWC penalty (Avalanche's; see slnid_ewc.yaml for the SLNID authors' scale)"
+        ),
+    ] = 5000.0,
+    mode: Annotated[
+        Literal["separate", "online"],
+        Field(description="separate: a penalty per task; online: one Fisher, decayed and summed"),
+    ] = "separate",
+    decay_factor: Annotated[
+        float | None,
+        Field(ge=0, le=1, description="online mode: the old Fisher's weight (1: summed, as the SLNID authors)"),
+    ] = None,
 ) -> EWC:
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
     return EWC(
-        ctx.model, criterion=_criterion(), ewc_lambda=ewc_lambda, mode=mode,
-        decay_factor=decay_factor, **common_kwargs(ctx),
+        ctx.model,
+        criterion=_criterion(),
+        ewc_lambda=ewc_lambda,
+        mode=mode,
+        decay_factor=decay_factor,
+        **common_kwargs(ctx),
     )
 
 
@@ -107,8 +122,12 @@ def build_si(
 def build_mas(
     ctx: BuildContext,
     lambda_reg: Annotated[float, Field(ge=0, description="weight of the MAS penalty (MAS/SLNID authors: 0.1)")] = 1.0,
-    alpha: Annotated[float, Field(ge=0, le=1, description="accumulate: average only, the old importance's weight (Avalanche's 0.5)")] = 0.5,
-    accumulate: Annotated[Literal["average", "sum"], Field(description="average: Avalanche's MASPlugin; sum: the MAS/SLNID authors'")] = "average",
+    alpha: Annotated[
+        float, Field(ge=0, le=1, description="accumulate: average only, the old importance's weight (Avalanche's 0.5)")
+    ] = 0.5,
+    accumulate: Annotated[
+        Literal["average", "sum"], Field(description="average: Avalanche's MASPlugin; sum: the MAS/SLNID authors'")
+    ] = "average",
 ) -> MAS | Naive:
     """Memory Aware Synapses (Aljundi et al. 2018); importance summed (authors) or averaged (Avalanche)."""
     if accumulate == "average":
@@ -127,8 +146,11 @@ def build_gem(
 ) -> GEM:
     """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017)."""
     return GEM(
-        ctx.model, criterion=_criterion(), patterns_per_exp=patterns_per_exp,
-        memory_strength=memory_strength, **common_kwargs(ctx),
+        ctx.model,
+        criterion=_criterion(),
+        patterns_per_exp=patterns_per_exp,
+        memory_strength=memory_strength,
+        **common_kwargs(ctx),
     )
 
 
@@ -140,8 +162,11 @@ def build_agem(
 ) -> AGEM:
     """Averaged GEM (Chaudhry et al. 2019)."""
     return AGEM(
-        ctx.model, criterion=_criterion(), patterns_per_exp=patterns_per_exp,
-        sample_size=sample_size, **common_kwargs(ctx),
+        ctx.model,
+        criterion=_criterion(),
+        patterns_per_exp=patterns_per_exp,
+        sample_size=sample_size,
+        **common_kwargs(ctx),
     )
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -122,7 +123,9 @@ _TERMS = "_cl_ext_loss_terms"
 def record_loss_terms(strategy: Any, **terms: torch.Tensor | float) -> None:
     """Name the terms a plugin adds to ``strategy.loss`` in this iteration (read only on failure)."""
     recorded = strategy.__dict__.setdefault(_TERMS, {})
-    recorded.update({name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in terms.items()})
+    recorded.update(
+        {name: value.detach() if isinstance(value, torch.Tensor) else value for name, value in terms.items()}
+    )
 
 
 class NonFiniteLoss(CLExtError):

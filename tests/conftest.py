@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cl_ext import registry
 from cl_ext.config import validate_recipe
 from cl_ext.context import BuildContext
-from cl_ext import registry
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 
 from cl_ext import registry
 from cl_ext.benchmarks import resolve_class_order
 from cl_ext.benchmarks.common import split_sizes
 from cl_ext.errors import DataNotFoundError, RecipeError
-
-from conftest import shared_file
 
 
 def test_icarl_lucir_cifar100_order_from_seed_1993():
@@ -45,10 +44,19 @@ def test_digits_stream_is_remapped_in_learning_order(digits_ctx):
 def test_npz_benchmark_and_clear_errors(tmp_path, digits_ctx):
     rng = np.random.default_rng(0)
     path = tmp_path / "toy.npz"
-    np.savez(path, x_train=rng.integers(0, 255, (60, 6, 6, 3), dtype=np.uint8), y_train=np.repeat(np.arange(6), 10),
-             x_test=rng.integers(0, 255, (12, 6, 6, 3), dtype=np.uint8), y_test=np.repeat(np.arange(6), 2))
-    bundle = registry.build("benchmark", "npz", digits_ctx, {"path": str(path), "first_exp_classes": 2,
-                                                            "classes_per_exp": 4, "train_per_class": 5})
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (60, 6, 6, 3), dtype=np.uint8),
+        y_train=np.repeat(np.arange(6), 10),
+        x_test=rng.integers(0, 255, (12, 6, 6, 3), dtype=np.uint8),
+        y_test=np.repeat(np.arange(6), 2),
+    )
+    bundle = registry.build(
+        "benchmark",
+        "npz",
+        digits_ctx,
+        {"path": str(path), "first_exp_classes": 2, "classes_per_exp": 4, "train_per_class": 5},
+    )
     assert bundle.info.input_shape == (3, 6, 6) and bundle.info.classes_per_exp == [2, 4]
     assert len(bundle.benchmark.train_stream[1].dataset) == 20
     with pytest.raises(DataNotFoundError, match="does not exist"):

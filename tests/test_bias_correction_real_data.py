@@ -8,29 +8,40 @@ and the comparison is paired. Sizes are cut down from the documented benchmark
 from __future__ import annotations
 
 import pytest
+from conftest import shared_file
 
 from cl_ext.config import validate_recipe
 from cl_ext.runner import build_experiment
-from conftest import shared_file
 
 
 def average_incremental_accuracy(root, plugins: list[dict]) -> tuple[float, list[float]]:
-    recipe = validate_recipe({
-        "seed": 0,
-        "device": "cpu",
-        "benchmark": {"name": "split_mnist", "options": {
-            "root": str(root), "classes_per_exp": 2, "class_order": "seed", "train_per_class": 400,
-        }},
-        "model": {"name": "mlp", "options": {"hidden": [128, 128]}},
-        "strategy": {
-            "name": "replay", "epochs": 4, "batch_size": 64, "eval_batch_size": 1000,
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-            "lr_schedule": {"name": "multistep", "milestones": [3], "gamma": 0.1},
-            "memory": {"size": 100, "selection": "random"},
-        },
-        "plugins": plugins,
-        "output": {"report": False, "checkpoint": False},
-    })
+    recipe = validate_recipe(
+        {
+            "seed": 0,
+            "device": "cpu",
+            "benchmark": {
+                "name": "split_mnist",
+                "options": {
+                    "root": str(root),
+                    "classes_per_exp": 2,
+                    "class_order": "seed",
+                    "train_per_class": 400,
+                },
+            },
+            "model": {"name": "mlp", "options": {"hidden": [128, 128]}},
+            "strategy": {
+                "name": "replay",
+                "epochs": 4,
+                "batch_size": 64,
+                "eval_batch_size": 1000,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+                "lr_schedule": {"name": "multistep", "milestones": [3], "gamma": 0.1},
+                "memory": {"size": 100, "selection": "random"},
+            },
+            "plugins": plugins,
+            "output": {"report": False, "checkpoint": False},
+        }
+    )
     exp = build_experiment(recipe)
     stream = exp.ctx.benchmark.benchmark
     for t, experience in enumerate(stream.train_stream):

@@ -33,19 +33,24 @@ torch.set_num_threads(1)
 
 
 def digits_recipe(plugins, memory=60, epochs=2, **strategy):
-    return validate_recipe({
-        "seed": 0,
-        "device": "cpu",
-        "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "seed"}},
-        "model": {"name": "mlp", "options": {"hidden": [32]}},
-        "strategy": {
-            "name": "replay", "epochs": epochs, "batch_size": 32,
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-            "memory": {"size": memory, "selection": "random"}, **strategy,
-        },
-        "plugins": plugins,
-        "output": {"report": False, "checkpoint": False},
-    })
+    return validate_recipe(
+        {
+            "seed": 0,
+            "device": "cpu",
+            "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "seed"}},
+            "model": {"name": "mlp", "options": {"hidden": [32]}},
+            "strategy": {
+                "name": "replay",
+                "epochs": epochs,
+                "batch_size": 32,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "memory": {"size": memory, "selection": "random"},
+                **strategy,
+            },
+            "plugins": plugins,
+            "output": {"report": False, "checkpoint": False},
+        }
+    )
 
 
 def raw_logits(model, x):
@@ -174,9 +179,7 @@ def test_stage2_batch_norm_modes_by_hand():
     # 10 samples in batches of 4 would leave 2; batches of 4, 4, 2 hold no lone sample, each
     # normalised with its own mean and biased variance.
     train_logits, _ = validation_logits(model, dataset, "cpu", 4, "train", tensor=False)
-    expected = torch.cat([
-        (b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + 1e-5) for b in h.split(4)
-    ])
+    expected = torch.cat([(b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + 1e-5) for b in h.split(4)])
     assert torch.allclose(train_logits, expected, atol=1e-5)
     assert not torch.allclose(train_logits, eval_logits, atol=1e-2)
     # The running statistics the evaluation uses are untouched, and the flags are restored.
@@ -198,9 +201,14 @@ def _fake_strategy(model, optimizer, step: int, n_steps: int = 5):
 @pytest.mark.parametrize("shrink", [True, False])
 def test_stage1_weight_decay_per_step(shrink):
     model = nn.Linear(3, 10)
-    optimizer = torch.optim.SGD([
-        {"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0},
-    ], lr=0.1, weight_decay=2e-4)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [model.weight]},
+            {"params": [model.bias], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        weight_decay=2e-4,
+    )
     plugin = BiCPlugin(model, ExemplarMemory(size=50), shrink_weight_decay=shrink)
     seen = []
     for step in range(5):
@@ -231,9 +239,16 @@ def toy_stream(n_classes, per_class, first_exp_classes, classes_per_exp):
     y = torch.arange(n_classes).repeat_interleave(per_class)
     data = ArrayDataset(torch.randn(len(y), 4), y)
     return class_incremental(
-        "toy", data, data, n_classes=n_classes, first_exp_classes=first_exp_classes,
-        classes_per_exp=classes_per_exp, class_order="fixed", order_seed=0,
-        train_transform=None, eval_transform=None,
+        "toy",
+        data,
+        data,
+        n_classes=n_classes,
+        first_exp_classes=first_exp_classes,
+        classes_per_exp=classes_per_exp,
+        class_order="fixed",
+        order_seed=0,
+        train_transform=None,
+        eval_transform=None,
     ).benchmark.train_stream
 
 
@@ -273,10 +288,12 @@ def test_memory_without_holdout_is_unchanged_and_loads_old_states():
 @pytest.fixture(scope="module")
 def bic_run():
     """Three digits steps of replay + BiC with spies; records the weights used in stage 1."""
-    exp = build_experiment(digits_recipe(
-        [{"name": "bic", "options": {"stage2_epochs": 30}}],
-        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
-    ))
+    exp = build_experiment(
+        digits_recipe(
+            [{"name": "bic", "options": {"stage2_epochs": 30}}],
+            optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+        )
+    )
     plugin = exp.named_plugins["bic"]
     spy = Spy(plugin)
     exp.strategy.plugins.append(spy)

@@ -35,8 +35,14 @@ def test_defaults_are_filled_and_name_comes_from_file(tmp_path, tiny_recipe_data
         (lambda d: d["strategy"]["optimizer"].update(lr=-1), "strategy.optimizer.lr: Input should be greater than 0"),
         (lambda d: d.update(evaluation={"metrics": ["acc"]}), "evaluation.metrics[0].name: unknown metric 'acc'"),
         (lambda d: d.update(seed=True), "seed: Input should be a valid integer"),
-        (lambda d: d["strategy"]["optimizer"].update(name="adam", momentum=0.5), "momentum and nesterov apply to sgd only"),
-        (lambda d: d["strategy"]["optimizer"].update(name="adamw", nesterov=True), "momentum and nesterov apply to sgd only"),
+        (
+            lambda d: d["strategy"]["optimizer"].update(name="adam", momentum=0.5),
+            "momentum and nesterov apply to sgd only",
+        ),
+        (
+            lambda d: d["strategy"]["optimizer"].update(name="adamw", nesterov=True),
+            "momentum and nesterov apply to sgd only",
+        ),
         (lambda d: d["output"].update(name="../../x"), "output.name: Value error, must be a plain name"),
         (lambda d: d["output"].update(name="a/b"), "output.name: Value error, must be a plain name"),
     ],
@@ -126,9 +132,14 @@ def test_resolved_recipes_hold_every_option_and_load_back_unchanged(tmp_path):
 
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         resolved = recipe_to_dict(load_recipe(path))
-        parts = [("benchmark", resolved["benchmark"]), ("model", resolved["model"]),
-                 ("strategy", {"name": resolved["strategy"]["name"], "options": resolved["strategy"]["options"]})]
-        parts += [("plugin", p) for p in resolved["plugins"]] + [("logger", lg) for lg in resolved["evaluation"]["loggers"]]
+        parts = [
+            ("benchmark", resolved["benchmark"]),
+            ("model", resolved["model"]),
+            ("strategy", {"name": resolved["strategy"]["name"], "options": resolved["strategy"]["options"]}),
+        ]
+        parts += [("plugin", p) for p in resolved["plugins"]] + [
+            ("logger", lg) for lg in resolved["evaluation"]["loggers"]
+        ]
         for kind, part in parts:
             fields = registry.get(kind, part["name"]).options_model.model_fields
             assert set(part["options"]) == set(fields), (path.name, kind, part["name"])

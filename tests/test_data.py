@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
-from torchvision.transforms import v2
-
 from conftest import shared_file
+from torchvision.transforms import v2
 
 from cl_ext import registry
 from cl_ext.config import validate_recipe
@@ -23,7 +22,9 @@ CIFAR_LIKE = ImagePipeline("scale", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), crop=32, 
 
 
 def _uint8_images(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 def _cifar_like_npz(tmp_path, n_classes=4, per_class=30, seed=0):
@@ -33,8 +34,11 @@ def _cifar_like_npz(tmp_path, n_classes=4, per_class=30, seed=0):
     x_train = rng.randint(0, 256, (n_classes * per_class, 32, 32, 3), dtype=np.uint8)
     x_test = rng.randint(0, 256, (n_classes * 10, 32, 32, 3), dtype=np.uint8)
     np.savez(
-        path, x_train=x_train, y_train=np.repeat(np.arange(n_classes), per_class),
-        x_test=x_test, y_test=np.repeat(np.arange(n_classes), 10),
+        path,
+        x_train=x_train,
+        y_train=np.repeat(np.arange(n_classes), per_class),
+        x_test=x_test,
+        y_test=np.repeat(np.arange(n_classes), 10),
     )
     return path
 
@@ -71,12 +75,15 @@ def test_batched_pipeline_equals_per_sample_pipeline_for_the_same_draws():
         i, j = offsets[k].tolist()
         one = v2.functional.crop(v2.functional.pad(images[k], [4]), i, j, 32, 32)
         one = v2.functional.horizontal_flip(one) if flips[k] else one
-        one = v2.functional.normalize(v2.functional.to_dtype(one, torch.float32, scale=True), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+        one = v2.functional.normalize(
+            v2.functional.to_dtype(one, torch.float32, scale=True), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+        )
         assert torch.equal(batch[k], one)
 
 
-@pytest.mark.parametrize("pipeline", [CIFAR_LIKE, ImagePipeline("scale", crop=28, padding=2, flip=True),
-                                      ImagePipeline("scale", flip=True)])
+@pytest.mark.parametrize(
+    "pipeline", [CIFAR_LIKE, ImagePipeline("scale", crop=28, padding=2, flip=True), ImagePipeline("scale", flip=True)]
+)
 def test_cutting_from_the_stored_padded_pair_equals_gathering_then_cropping(pipeline):
     """A source that keeps its padded images and their mirrors gives the batch that gathering
     the rows, padding and cropping gives, bit for bit, for the same generator."""
@@ -189,7 +196,9 @@ def test_a_foreign_dataset_falls_back_to_avalanche_with_one_log_line(caplog):
     y = torch.arange(80) % 4
     train, test = TensorDataset(x, y), TensorDataset(x, y)
     train.targets = test.targets = y
-    bench = nc_benchmark(train, test, n_experiences=2, task_labels=False, seed=0, train_transform=v2.Normalize([0.0], [1.0]))
+    bench = nc_benchmark(
+        train, test, n_experiences=2, task_labels=False, seed=0, train_transform=v2.Normalize([0.0], [1.0])
+    )
     assert isinstance(resolve(bench.train_stream[0].dataset), str)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
     loaders = []
@@ -198,8 +207,15 @@ def test_a_foreign_dataset_falls_back_to_avalanche_with_one_log_line(caplog):
         def before_training_epoch(self, strategy, **kwargs):
             loaders.append(type(strategy.dataloader).__name__)
 
-    strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=16, train_epochs=2,
-                     plugins=[TensorDataPlugin(), Spy()], evaluator=None, eval_every=-1)
+    strategy = Naive(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=16,
+        train_epochs=2,
+        plugins=[TensorDataPlugin(), Spy()],
+        evaluator=None,
+        eval_every=-1,
+    )
     with caplog.at_level(logging.WARNING, logger="cl_ext.data"):
         for exp in bench.train_stream:
             strategy.train(exp)
@@ -209,8 +225,14 @@ def test_a_foreign_dataset_falls_back_to_avalanche_with_one_log_line(caplog):
     assert len(messages) == 2  # training and evaluation, each said once over both experiences
     assert all("Avalanche's per-sample path" in m and "no sample_id" in m for m in messages)
 
-    strict = Naive(model, torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=16,
-                   plugins=[TensorDataPlugin(required=True)], evaluator=None, eval_every=-1)
+    strict = Naive(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        train_mb_size=16,
+        plugins=[TensorDataPlugin(required=True)],
+        evaluator=None,
+        eval_every=-1,
+    )
     with pytest.raises(ValueError, match="data_path is 'tensor'"):
         strict.train(bench.train_stream[0])
 
@@ -237,8 +259,15 @@ def test_tensor_path_runs_are_deterministic(tiny_recipe_data, tmp_path):
 
 
 STRATEGIES = {
-    "naive": {}, "replay": {}, "joint": {}, "ewc": {}, "lwf": {}, "si": {}, "mas": {},
-    "gem": {"patterns_per_exp": 16}, "agem": {"patterns_per_exp": 16, "sample_size": 16},
+    "naive": {},
+    "replay": {},
+    "joint": {},
+    "ewc": {},
+    "lwf": {},
+    "si": {},
+    "mas": {},
+    "gem": {"patterns_per_exp": 16},
+    "agem": {"patterns_per_exp": 16, "sample_size": 16},
     "avalanche_icarl": {},
 }
 
@@ -252,13 +281,18 @@ def test_every_registered_strategy_trains_and_evaluates_on_the_tensor_path(tiny_
 
     class Spy(SupervisedPlugin):
         def before_training_iteration(self, strategy, **kwargs):
-            served.append((f"train {strategy.experience.current_experience}", type(strategy.dataloader) is TensorLoader))
+            served.append(
+                (f"train {strategy.experience.current_experience}", type(strategy.dataloader) is TensorLoader)
+            )
 
         def before_eval_iteration(self, strategy, **kwargs):
             served.append(("eval", type(strategy.dataloader) is TensorLoader))
 
     for name, options in STRATEGIES.items():
-        data = {**tiny_recipe_data, "strategy": {**tiny_recipe_data["strategy"], "name": name, "epochs": 1, "options": options}}
+        data = {
+            **tiny_recipe_data,
+            "strategy": {**tiny_recipe_data["strategy"], "name": name, "epochs": 1, "options": options},
+        }
         data["benchmark"] = {"name": "digits", "options": {"classes_per_exp": 5}}
         if name not in ("replay", "avalanche_icarl"):
             data["strategy"]["memory"] = None

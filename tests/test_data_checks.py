@@ -120,8 +120,13 @@ def test_cifar_augmentation_crops_back_to_the_image_size(tiny_recipe_data, tmp_p
 
 def test_train_per_class_below_one_is_a_recipe_error(tiny_recipe_data, tmp_path):
     np.savez(tmp_path / "ok.npz", **_arrays())
-    tiny_recipe_data["benchmark"] = {"name": "npz", "options": {"path": str(tmp_path / "ok.npz"), "train_per_class": -2}}
-    with pytest.raises(RecipeError, match="benchmark.options.train_per_class: Input should be greater than or equal to 1"):
+    tiny_recipe_data["benchmark"] = {
+        "name": "npz",
+        "options": {"path": str(tmp_path / "ok.npz"), "train_per_class": -2},
+    }
+    with pytest.raises(
+        RecipeError, match="benchmark.options.train_per_class: Input should be greater than or equal to 1"
+    ):
         validate_recipe(tiny_recipe_data)
 
 

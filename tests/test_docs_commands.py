@@ -15,9 +15,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import SHARED_DATA
+from typer.testing import CliRunner
 
 from cl_ext.cli import app
 
@@ -34,9 +33,11 @@ def runnable_commands() -> list[tuple[str, str]]:
         for i, line in enumerate(lines):
             if line.strip() != MARKER:
                 continue
-            assert lines[i + 1].startswith("```bash"), f"{doc.name}:{i + 1}: {MARKER} must come right before a ```bash block"
+            assert lines[i + 1].startswith("```bash"), (
+                f"{doc.name}:{i + 1}: {MARKER} must come right before a ```bash block"
+            )
             end = lines.index("```", i + 2)
-            text = "\n".join(lines[i + 2: end]).replace("\\\n", " ")
+            text = "\n".join(lines[i + 2 : end]).replace("\\\n", " ")
             for number, command_line in enumerate(text.splitlines()):
                 command_line = re.sub(r"\s+#.*$", "", command_line).strip()
                 for command in filter(None, (c.strip() for c in command_line.split("&&"))):
@@ -61,8 +62,16 @@ def test_marked_command_runs(where, command, tmp_path, monkeypatch):
             pytest.skip(f"{SHARED_DATA} not available")
         args += ["--set", "benchmark.options.train_per_class=20"]
     if args[0] == "run":
-        args += ["--threads", "1", "--set", "strategy.epochs=1", "--set", f"output.dir={tmp_path}",
-                 "--set", "output.report=false"]
+        args += [
+            "--threads",
+            "1",
+            "--set",
+            "strategy.epochs=1",
+            "--set",
+            f"output.dir={tmp_path}",
+            "--set",
+            "output.report=false",
+        ]
     monkeypatch.chdir(ROOT)  # the docs' paths (recipes/, ../shared/data) are relative to the checkout
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, f"{where}: {command}\n{result.output[-3000:]}"

@@ -55,11 +55,14 @@ def test_cross_distilled_loss_has_one_term_per_step():
     assert cross_distilled_loss(student, target, teacher, StepUnits([]), 2.0).item() == pytest.approx(2 * LN2)
 
 
-@pytest.mark.parametrize("steps", [
-    [[0, 1], [2, 3], [4, 5]],  # equal steps: one block
-    [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]],  # a larger first step: two blocks
-    [[0, 1], [7, 3], [4, 5], [6, 2]],  # scattered units: read by index
-])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [[0, 1], [2, 3], [4, 5]],  # equal steps: one block
+        [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9]],  # a larger first step: two blocks
+        [[0, 1], [7, 3], [4, 5], [6, 2]],  # scattered units: read by index
+    ],
+)
 def test_distillation_terms_equal_one_soft_cross_entropy_per_step(steps):
     """Steps are read in blocks; written step by step as in the paper, every term and every
     gradient is the same (the gradients to the last bit)."""
@@ -69,25 +72,31 @@ def test_distillation_terms_equal_one_soft_cross_entropy_per_step(steps):
     terms = distillation_terms(student, teacher, StepUnits(steps), 2.0)
     expected = [soft_cross_entropy(student[:, units], teacher[:, units], 2.0) for units in steps]
     torch.testing.assert_close(terms, torch.stack(expected), rtol=1e-6, atol=0)
-    grad, = torch.autograd.grad(terms.sum(), student)
-    expected_grad, = torch.autograd.grad(sum(expected), student)
+    (grad,) = torch.autograd.grad(terms.sum(), student)
+    (expected_grad,) = torch.autograd.grad(sum(expected), student)
     assert torch.equal(grad, expected_grad)
 
 
 # -- the plugin in a run ----------------------------------------------------------------
 def digits_recipe(**eeil_options):
-    return validate_recipe({
-        "seed": 0,
-        "device": "cpu",
-        "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "fixed"}},
-        "model": {"name": "mlp", "options": {"hidden": [32]}},
-        "strategy": {
-            "name": "replay", "epochs": 1, "batch_size": 64,
-            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-            "memory": {"size": 60, "selection": "herding"},
-        },
-        "plugins": [{"name": "eeil", "options": {"finetune_epochs": 2, "finetune_milestones": [1], **eeil_options}}],
-    })
+    return validate_recipe(
+        {
+            "seed": 0,
+            "device": "cpu",
+            "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "fixed"}},
+            "model": {"name": "mlp", "options": {"hidden": [32]}},
+            "strategy": {
+                "name": "replay",
+                "epochs": 1,
+                "batch_size": 64,
+                "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                "memory": {"size": 60, "selection": "herding"},
+            },
+            "plugins": [
+                {"name": "eeil", "options": {"finetune_epochs": 2, "finetune_milestones": [1], **eeil_options}}
+            ],
+        }
+    )
 
 
 def batches(experience, memory, batch_size=64):

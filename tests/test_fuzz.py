@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from conftest import TINY_RECIPE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
-
-from conftest import TINY_RECIPE
 
 from cl_ext import registry
 from cl_ext.cli import app
@@ -27,20 +26,36 @@ from cl_ext.errors import CLExtError
 
 CASES: Counter[str] = Counter()  # category -> cases run; printed by conftest's terminal summary
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 # Keys of the recipe with values of a known kind, and values of every other kind.
 SCALARS = {
-    ("seed",): "int", ("device",): "device", ("strategy", "epochs"): "pos_int",
-    ("strategy", "batch_size"): "pos_int", ("strategy", "eval_batch_size"): "pos_int",
-    ("strategy", "optimizer", "lr"): "pos_float", ("strategy", "optimizer", "name"): "optimizer",
-    ("strategy", "memory", "size"): "pos_int", ("strategy", "memory", "selection"): "selection",
-    ("strategy", "data_path"): "data_path", ("output", "checkpoint_every_epochs"): "nonneg_int",
-    ("output", "report"): "bool", ("strategy", "nonfinite_loss"): "nonfinite",
+    ("seed",): "int",
+    ("device",): "device",
+    ("strategy", "epochs"): "pos_int",
+    ("strategy", "batch_size"): "pos_int",
+    ("strategy", "eval_batch_size"): "pos_int",
+    ("strategy", "optimizer", "lr"): "pos_float",
+    ("strategy", "optimizer", "name"): "optimizer",
+    ("strategy", "memory", "size"): "pos_int",
+    ("strategy", "memory", "selection"): "selection",
+    ("strategy", "data_path"): "data_path",
+    ("output", "checkpoint_every_epochs"): "nonneg_int",
+    ("output", "report"): "bool",
+    ("strategy", "nonfinite_loss"): "nonfinite",
 }
-SECTIONS = [(), ("strategy",), ("strategy", "optimizer"), ("strategy", "memory"), ("output",),
-            ("benchmark",), ("model",), ("evaluation",)]
+SECTIONS = [
+    (),
+    ("strategy",),
+    ("strategy", "optimizer"),
+    ("strategy", "memory"),
+    ("output",),
+    ("benchmark",),
+    ("model",),
+    ("evaluation",),
+]
 identifiers = st.text(string.ascii_lowercase + "_", min_size=3, max_size=12)
 # Values of the wrong kind for each kind of key (strings that YAML would read as a number excluded).
 WRONG = {
@@ -48,8 +63,10 @@ WRONG = {
     "pos_int": st.one_of(st.integers(-5, 0), st.booleans(), identifiers, st.floats(0.1, 9.9)),
     "pos_float": st.one_of(st.floats(-10, 0), identifiers, st.lists(st.floats(0, 1), min_size=1, max_size=2)),
     "nonneg_int": st.one_of(st.integers(-9, -1), identifiers),
-    "bool": st.one_of(identifiers.filter(lambda s: s not in {"yes", "no", "on", "off", "true", "false"}),
-                      st.lists(st.booleans(), min_size=1, max_size=2)),
+    "bool": st.one_of(
+        identifiers.filter(lambda s: s not in {"yes", "no", "on", "off", "true", "false"}),
+        st.lists(st.booleans(), min_size=1, max_size=2),
+    ),
 }
 for kind in ("device", "optimizer", "selection", "data_path", "nonfinite"):
     WRONG[kind] = st.one_of(identifiers.map(lambda s: s + "x"), st.integers(), st.lists(identifiers, max_size=2))
@@ -66,17 +83,48 @@ def _set(data: dict, path: tuple[str, ...], value) -> None:
 def bad_recipes(draw) -> tuple[str, dict | str | bytes, list[str]]:
     """(category, recipe data or raw file content, overrides), each broken in one drawn way."""
     data = copy.deepcopy(TINY_RECIPE)
-    category = draw(st.sampled_from(["unknown key", "wrong type or range", "unknown name", "unknown option",
-                                     "contradiction", "broken yaml", "garbage bytes", "bad override"]))
+    category = draw(
+        st.sampled_from(
+            [
+                "unknown key",
+                "wrong type or range",
+                "unknown name",
+                "unknown option",
+                "contradiction",
+                "broken yaml",
+                "garbage bytes",
+                "bad override",
+            ]
+        )
+    )
     overrides: list[str] = []
     if category == "unknown key":
         section = draw(st.sampled_from(SECTIONS))
         key = draw(identifiers.filter(lambda k: k not in {"name", "options", "size", "per_class", "selection"}))
-        known = {(): set(data), ("strategy",): set(data["strategy"]) | {"lr_schedule", "dataloader", "options",
-                                                                         "reset_optimizer", "nonfinite_loss",
-                                                                         "data_path", "eval_batch_size"}}
-        if key in known.get(section, set()) or key in {"momentum", "weight_decay", "nesterov", "dir", "report",
-                                                       "checkpoint", "checkpoint_every_epochs", "metrics", "loggers"}:
+        known = {
+            (): set(data),
+            ("strategy",): set(data["strategy"])
+            | {
+                "lr_schedule",
+                "dataloader",
+                "options",
+                "reset_optimizer",
+                "nonfinite_loss",
+                "data_path",
+                "eval_batch_size",
+            },
+        }
+        if key in known.get(section, set()) or key in {
+            "momentum",
+            "weight_decay",
+            "nesterov",
+            "dir",
+            "report",
+            "checkpoint",
+            "checkpoint_every_epochs",
+            "metrics",
+            "loggers",
+        }:
             key += "_x"
         _set(data, section + (key,), draw(st.integers()))
     elif category == "wrong type or range":
@@ -97,13 +145,24 @@ def bad_recipes(draw) -> tuple[str, dict | str | bytes, list[str]]:
         where = draw(st.sampled_from(["benchmark", "model", "plugin"]))
         option = {draw(identifiers) + "_zz": draw(st.integers())}
         if where == "plugin":
-            data["plugins"] = [{"name": draw(st.sampled_from(["ucir", "bic", "eeil", "il2m", "slnid"])),
-                                "options": option}]
+            data["plugins"] = [
+                {"name": draw(st.sampled_from(["ucir", "bic", "eeil", "il2m", "slnid"])), "options": option}
+            ]
         else:
             data[where]["options"].update(option)
     elif category == "contradiction":
-        which = draw(st.sampled_from(["size and per_class", "nme without memory", "memory below classes",
-                                      "plugin twice", "first experience too large", "milestones on constant"]))
+        which = draw(
+            st.sampled_from(
+                [
+                    "size and per_class",
+                    "nme without memory",
+                    "memory below classes",
+                    "plugin twice",
+                    "first experience too large",
+                    "milestones on constant",
+                ]
+            )
+        )
         if which == "size and per_class":
             data["strategy"]["memory"]["per_class"] = draw(st.integers(1, 20))
         elif which == "nme without memory":
@@ -120,15 +179,36 @@ def bad_recipes(draw) -> tuple[str, dict | str | bytes, list[str]]:
             data["strategy"]["lr_schedule"] = {"name": "constant", "milestones": [1]}
         category += f": {which}"
     elif category == "broken yaml":
-        return category, draw(st.sampled_from(["seed: [1, 2", "benchmark: {name: digits", "a:\n\t- b",
-                                                "strategy:\n  epochs: 1\n epochs: 2", "- a\n- b", "just text",
-                                                "seed: 0\nseed: 1", "'unterminated"])), []
+        return (
+            category,
+            draw(
+                st.sampled_from(
+                    [
+                        "seed: [1, 2",
+                        "benchmark: {name: digits",
+                        "a:\n\t- b",
+                        "strategy:\n  epochs: 1\n epochs: 2",
+                        "- a\n- b",
+                        "just text",
+                        "seed: 0\nseed: 1",
+                        "'unterminated",
+                    ]
+                )
+            ),
+            [],
+        )
     elif category == "garbage bytes":
         return category, draw(st.binary(min_size=1, max_size=200).filter(_not_a_recipe)), []
     else:
         broken = draw(st.sampled_from(["no equals sign", "index", "value", "into a value"]))
-        overrides = [{"no equals sign": "strategy.epochs", "index": "plugins.3.name=ucir",
-                      "value": "strategy.epochs=[1, 2", "into a value": "seed.x=1"}[broken]]
+        overrides = [
+            {
+                "no equals sign": "strategy.epochs",
+                "index": "plugins.3.name=ucir",
+                "value": "strategy.epochs=[1, 2",
+                "into a value": "seed.x=1",
+            }[broken]
+        ]
         category += f": {broken}"
     return category, data, overrides
 
@@ -164,8 +244,20 @@ def test_malformed_recipes_and_overrides_are_refused_with_one_message(tmp_path_f
     _assert_refused(CliRunner().invoke(app, args), folder / "runs", "fuzzed.yaml")
 
 
-SPOILS = ["x dtype", "y dtype", "channels first", "flat images", "test size", "NaN", "0..255 floats",
-          "label shift", "fewer labels", "more labels", "no images", "missing array"]
+SPOILS = [
+    "x dtype",
+    "y dtype",
+    "channels first",
+    "flat images",
+    "test size",
+    "NaN",
+    "0..255 floats",
+    "label shift",
+    "fewer labels",
+    "more labels",
+    "no images",
+    "missing array",
+]
 
 
 def _arrays(draw) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ def test_loss_on_two_classes_by_hand():
     # targets [1/2, 1]: unit 0: -(1/2 ln 3/4 + 1/2 ln 1/4) = 2 ln 2 - ln 3 / 2; unit 1: ln 2
     assert distilled.item() == pytest.approx((3 * LN2 - LN3 / 2) / 2)
     # d/dz of the mean: (sigmoid(z) - target) / units = [(3/4 - 1/2) / 2, (1/2 - 1) / 2]
-    grad, = torch.autograd.grad(distilled, logits)
+    (grad,) = torch.autograd.grad(distilled, logits)
     torch.testing.assert_close(grad, torch.tensor([[0.125, -0.25]]))
 
 
@@ -161,9 +161,17 @@ def test_recipes_validate_with_the_papers_schedule():
     recipe = load_recipe(RECIPES / "icarl.yaml")
     s = recipe.strategy
     assert (recipe.benchmark.options["classes_per_exp"], recipe.model.name, s.epochs, s.batch_size) == (
-        10, "resnet32", 70, 128)
+        10,
+        "resnet32",
+        70,
+        128,
+    )
     assert (s.optimizer.lr, s.optimizer.weight_decay, s.lr_schedule.milestones, s.lr_schedule.gamma) == (
-        2.0, 1e-5, [49, 63], 0.2)
+        2.0,
+        1e-5,
+        [49, 63],
+        0.2,
+    )
     assert s.memory.size == 2000 and s.memory.selection == "herding"
     assert [p.name for p in recipe.plugins] == ["icarl"]
     assert load_recipe(RECIPES / "avalanche_icarl.yaml").strategy.name == "avalanche_icarl"

@@ -13,7 +13,11 @@ from cl_ext.config import validate_recipe
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import output_logits
 from cl_ext.plugins.il2m import (
-    IL2MPlugin, il2m_scale, mean_true_class_score, rectify_logits, rectify_softmax,
+    IL2MPlugin,
+    il2m_scale,
+    mean_true_class_score,
+    rectify_logits,
+    rectify_softmax,
 )
 from cl_ext.runner import build_experiment
 
@@ -47,12 +51,15 @@ def test_softmax_rectifies_only_when_top1_is_new():
 
 def test_logits_rectifies_positive_old_scores_when_top1_is_new():
     # Units 0, 1 are old, unit 2 is new; factors 2 and 3.
-    logits = torch.tensor([
-        [2.0, 0.5, 1.0],    # top-1 old: untouched
-        [1.0, -1.0, 2.5],   # top-1 new: 1 -> 2 (no flip), the negative old logit stays -1
-        [1.0, 0.75, 2.0],   # top-1 new: 1 -> 2, 0.75 -> 2.25 flips the prediction to unit 1
-        [-2.0, -3.0, -1.0],  # top-1 new but not positive: no ratio is meaningful, untouched
-    ], dtype=torch.float64)
+    logits = torch.tensor(
+        [
+            [2.0, 0.5, 1.0],  # top-1 old: untouched
+            [1.0, -1.0, 2.5],  # top-1 new: 1 -> 2 (no flip), the negative old logit stays -1
+            [1.0, 0.75, 2.0],  # top-1 new: 1 -> 2, 0.75 -> 2.25 flips the prediction to unit 1
+            [-2.0, -3.0, -1.0],  # top-1 new but not positive: no ratio is meaningful, untouched
+        ],
+        dtype=torch.float64,
+    )
     out = rectify_logits(logits, torch.tensor([2.0, 3.0], dtype=torch.float64))
     expected = [[2.0, 0.5, 1.0], [2.0, -1.0, 2.5], [2.0, 2.25, 2.0], [-2.0, -3.0, -1.0]]
     assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64))
@@ -60,9 +67,7 @@ def test_logits_rectifies_positive_old_scores_when_top1_is_new():
 
 
 def test_scale_by_hand():
-    scale = il2m_scale(
-        torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.4]), 0.95, torch.tensor([0.9, 0.85])
-    )
+    scale = il2m_scale(torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.4]), 0.95, torch.tensor([0.9, 0.85]))
     assert scale.tolist() == pytest.approx([0.9 / 0.3 * 0.95 / 0.9, 0.8 / 0.4 * 0.95 / 0.85])
     # Ratios are only defined between positive statistics: otherwise the class keeps factor 1.
     undefined = il2m_scale(
@@ -115,20 +120,24 @@ class Spy(SupervisedPlugin):
 
 @pytest.fixture(scope="module", params=["logits", "softmax"])
 def il2m_run(request):
-    recipe = validate_recipe({
-        "seed": 0,
-        "device": "cpu",
-        "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "seed"}},
-        # Dropout makes any statistic measured in train mode random: the checks below would fail.
-        "model": {"name": "mlp", "options": {"hidden": [32], "dropout": 0.5}},
-        "strategy": {
-            "name": "replay", "epochs": 2, "batch_size": 32,
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-            "memory": {"size": 60, "selection": "random"},
-        },
-        "plugins": [{"name": "il2m", "options": {"scores": request.param}}],
-        "output": {"report": False, "checkpoint": False},
-    })
+    recipe = validate_recipe(
+        {
+            "seed": 0,
+            "device": "cpu",
+            "benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "class_order": "seed"}},
+            # Dropout makes any statistic measured in train mode random: the checks below would fail.
+            "model": {"name": "mlp", "options": {"hidden": [32], "dropout": 0.5}},
+            "strategy": {
+                "name": "replay",
+                "epochs": 2,
+                "batch_size": 32,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "memory": {"size": 60, "selection": "random"},
+            },
+            "plugins": [{"name": "il2m", "options": {"scores": request.param}}],
+            "output": {"report": False, "checkpoint": False},
+        }
+    )
     exp = build_experiment(recipe)
     spy = Spy()
     exp.strategy.plugins.append(spy)

@@ -15,12 +15,27 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cl_ext"
 
 # (modules, what they must never import): the layers of docs/architecture.md, bottom to top.
-COMPONENTS = ("cl_ext.plugins", "cl_ext.models", "cl_ext.benchmarks", "cl_ext.memory", "cl_ext.nme",
-              "cl_ext.metrics", "cl_ext.data", "cl_ext.training", "cl_ext.strategies", "cl_ext.context",
-              "cl_ext.errors", "cl_ext.randomness", "cl_ext.progress")
+COMPONENTS = (
+    "cl_ext.plugins",
+    "cl_ext.models",
+    "cl_ext.benchmarks",
+    "cl_ext.memory",
+    "cl_ext.nme",
+    "cl_ext.metrics",
+    "cl_ext.data",
+    "cl_ext.training",
+    "cl_ext.strategies",
+    "cl_ext.context",
+    "cl_ext.errors",
+    "cl_ext.randomness",
+    "cl_ext.progress",
+)
 RULES = [
     (COMPONENTS, ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.report", "cl_ext.loggers", "cl_ext.state")),
-    (("cl_ext.registry", "cl_ext.catalog", "cl_ext.config"), ("cl_ext.cli", "cl_ext.runner", "cl_ext.report", "cl_ext.loggers")),
+    (
+        ("cl_ext.registry", "cl_ext.catalog", "cl_ext.config"),
+        ("cl_ext.cli", "cl_ext.runner", "cl_ext.report", "cl_ext.loggers"),
+    ),
     (("cl_ext.runner", "cl_ext.state"), ("cl_ext.cli", "cl_ext.report", "cl_ext.loggers")),
     (("cl_ext.report",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state")),
     (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state")),
@@ -34,9 +49,12 @@ def module_name(path: Path) -> str:
 
 def imported(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    type_only = {id(sub) for node in ast.walk(tree)
-                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                 for sub in ast.walk(node)}
+    type_only = {
+        id(sub)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for sub in ast.walk(node)
+    }
     names: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in type_only:
@@ -58,8 +76,10 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def test_the_reader_sees_every_kind_of_import():
-    source = "from cl_ext import runner\nimport cl_ext.report\ndef f():\n    from cl_ext.cli import app\n" \
-             "if TYPE_CHECKING:\n    from cl_ext.config import Recipe\n"
+    source = (
+        "from cl_ext import runner\nimport cl_ext.report\ndef f():\n    from cl_ext.cli import app\n"
+        "if TYPE_CHECKING:\n    from cl_ext.config import Recipe\n"
+    )
     path = PACKAGE.parent / "tests" / "_layers_probe.py"
     path.write_text(source)
     try:
@@ -70,7 +90,8 @@ def test_the_reader_sees_every_kind_of_import():
 
 @pytest.mark.parametrize("modules, forbidden", RULES, ids=[r[0][0] for r in RULES])
 def test_no_module_imports_a_layer_above_its_own(modules, forbidden):
-    upward = sorted(f"{m} imports {i}" for m, deps in GRAPH.items() if _within(m, modules)
-                    for i in deps if _within(i, forbidden))
+    upward = sorted(
+        f"{m} imports {i}" for m, deps in GRAPH.items() if _within(m, modules) for i in deps if _within(i, forbidden)
+    )
     assert not upward, "imports against docs/architecture.md's layers:\n" + "\n".join(upward)
     assert any(_within(m, modules) for m in GRAPH), f"no module matches {modules}: update the rules"

@@ -86,8 +86,9 @@ def test_duplicate_plugins_and_metrics_are_recipe_errors(tiny_recipe_data):
 
 
 def test_diverging_run_stops_naming_where_and_each_term(tmp_path):
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         ["strategy.optimizer.lr=1e6", "device=cpu", f"output.dir={tmp_path}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml", ["strategy.optimizer.lr=1e6", "device=cpu", f"output.dir={tmp_path}"]
+    )
     run_dir = new_run_dir(recipe)
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at experience 1, epoch 1, iteration \d+: criterion = nan\."):
         run_experiment(build_experiment(recipe), run_dir)
@@ -134,8 +135,10 @@ def test_each_epochs_sample_weighted_mean_loss_is_recorded_and_saved(tiny_recipe
     exp.strategy.train(exp.ctx.benchmark.benchmark.train_stream[0])
     n = len(batches) // 2
     assert n >= 3 and len(batches) == 2 * n and batches[n - 1] < 48  # a short last batch weighs less
-    expected = [sum(k * batches[k - 1] for k in range(e * n + 1, e * n + n + 1)) / sum(batches[e * n: e * n + n])
-                for e in range(2)]
+    expected = [
+        sum(k * batches[k - 1] for k in range(e * n + 1, e * n + n + 1)) / sum(batches[e * n : e * n + n])
+        for e in range(2)
+    ]
     assert exp.progress.epoch_losses == [pytest.approx(expected, rel=1e-6)]
     assert exp.progress.state_dict() == {"epoch_losses": exp.progress.epoch_losses}
 
@@ -183,8 +186,10 @@ def test_cli_resume_continues_an_interrupted_run(tmp_path, tiny_recipe_data, mon
     assert result.exit_code == 1 and "RuntimeError: node lost" in out
     run_dir = next((tmp_path / "runs").iterdir())
     assert run_dir.name.startswith("tiny-seed0-")
-    assert (f"2/5 experiences finished; results in {run_dir}; checkpoint after experience 2/5; "
-            f"resume with: cl-ext run --resume {run_dir}") in out
+    assert (
+        f"2/5 experiences finished; results in {run_dir}; checkpoint after experience 2/5; "
+        f"resume with: cl-ext run --resume {run_dir}"
+    ) in out
     monkeypatch.setattr(runner, "save_checkpoint", save)
     result = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output
@@ -231,8 +236,9 @@ def test_eight_runs_started_at_the_same_instant_all_finish_in_eight_folders(tmp_
     recipe.write_text(yaml.safe_dump(tiny_recipe_data))
     script = tmp_path / "start8.py"
     script.write_text(CONCURRENT)
-    result = subprocess.run([sys.executable, str(script), str(recipe)], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(recipe)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 8

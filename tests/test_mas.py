@@ -15,10 +15,13 @@ from cl_ext.plugins.mas import SummedMASPlugin, summed_importance
 
 
 def test_summed_importance_pads_what_grew():
-    assert torch.equal(summed_importance(torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0, 30.0])),
-                       torch.tensor([11.0, 22.0, 30.0]))
-    assert torch.equal(summed_importance(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0], [5.0, 5.0]])),
-                       torch.tensor([[2.0, 3.0], [5.0, 5.0]]))
+    assert torch.equal(
+        summed_importance(torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0, 30.0])), torch.tensor([11.0, 22.0, 30.0])
+    )
+    assert torch.equal(
+        summed_importance(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0], [5.0, 5.0]])),
+        torch.tensor([[2.0, 3.0], [5.0, 5.0]]),
+    )
 
 
 def _task(xs: list[float]) -> SimpleNamespace:
@@ -35,8 +38,12 @@ def test_two_tasks_by_hand(accumulate, expected):
     model = nn.Linear(1, 1, bias=False)
     plugin = SummedMASPlugin(lambda_reg=0.1) if accumulate == "sum" else MASPlugin(lambda_reg=0.1, alpha=0.5)
     strategy = SimpleNamespace(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"),
-        train_mb_size=1, clock=SimpleNamespace(train_exp_counter=0), experience=_task([1.0, 2.0]),
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        device=torch.device("cpu"),
+        train_mb_size=1,
+        clock=SimpleNamespace(train_exp_counter=0),
+        experience=_task([1.0, 2.0]),
     )
     with torch.no_grad():
         model.weight.fill_(1.0)

@@ -108,8 +108,15 @@ def test_plugin_concatenates_exemplars_into_training_data(digits_ctx):
             super().after_train_dataset_adaptation(strategy, **kw)
             sizes.append((len(strategy.experience.dataset), len(strategy.adapted_dataset)))
 
-    strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.01), plugins=[Spy(memory)],
-                     train_mb_size=64, train_epochs=1, evaluator=None, eval_every=-1)
+    strategy = Naive(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        plugins=[Spy(memory)],
+        train_mb_size=64,
+        train_epochs=1,
+        evaluator=None,
+        eval_every=-1,
+    )
     stream = digits_ctx.benchmark.benchmark.train_stream
     strategy.train(stream[0])
     strategy.train(stream[1])

@@ -88,7 +88,8 @@ def test_nme_reuses_the_evaluation_forward_and_predicts_the_same(tmp_path, tiny_
     test_stream = exp.ctx.benchmark.benchmark.test_stream
     eval_batches = sum(
         math.ceil(len(test_stream[j].dataset) / exp.strategy.eval_mb_size)
-        for t in range(len(test_stream)) for j in range(t + 1)
+        for t in range(len(test_stream))
+        for j in range(t + 1)
     )
     assert recomputed_calls - reused_calls == eval_batches
 
@@ -118,8 +119,14 @@ def test_listened_evaluation_plugin_drops_only_callbacks_nobody_listens_to(digit
         logger = TextLogger(open("/dev/null", "w"))
         logger.log_single_metric = lambda name, value, x: logged.append((name, repr(value), x))
         evaluator = evaluator_cls(metric, *accuracy_metrics(epoch=True, experience=True), loggers=[logger])
-        strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=32, train_epochs=2,
-                         evaluator=evaluator, eval_every=-1)
+        strategy = Naive(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            train_mb_size=32,
+            train_epochs=2,
+            evaluator=evaluator,
+            eval_every=-1,
+        )
         stream = digits_ctx.benchmark.benchmark
         for t in range(2):
             strategy.train(stream.train_stream[t])

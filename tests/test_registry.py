@@ -21,11 +21,20 @@ def test_catalog_is_what_the_builders_say():
 @pytest.mark.parametrize("args", [["validate", "recipes/quickstart.yaml"], ["list"], ["--help"]])
 def test_commands_that_build_nothing_import_nothing_heavy(args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cl_ext.cli", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cl_ext.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[1].strip().split(".")[0]
-                for line in out.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in out.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "cl_ext" in imported and not imported & HEAVY
 
 
@@ -48,16 +57,19 @@ def test_catalog_entry_imports_its_module_when_the_builder_is_needed(own_registr
     (tmp_path / "late_plugin.py").write_text(LATE_PLUGIN)
     monkeypatch.syspath_prepend(tmp_path)
     request.addfinalizer(lambda: sys.modules.pop("late_plugin", None))
-    known = registry.Entry("plugin", "late", ("late_alias",), "late_plugin", "Imported only when built.",
-                           {"strength": (float, 1.0)})
+    known = registry.Entry(
+        "plugin", "late", ("late_alias",), "late_plugin", "Imported only when built.", {"strength": (float, 1.0)}
+    )
     stale = registry.Entry("plugin", "gone", (), "late_plugin", "Removed from the code.", {})
     registry._REGISTRY["plugin"].update(late=known, late_alias=known, gone=stale)
     assert registry.get("plugin", "late_alias").option_defaults() == {"strength": 1.0}
     assert "late_plugin" not in sys.modules
     assert registry.build("plugin", "late_alias", None, {"strength": 3}) == 3.0
-    assert registry.get("plugin", "late").loaded and registry.get("plugin", "late_alias") is registry.get("plugin", "late")
+    assert registry.get("plugin", "late").loaded and registry.get("plugin", "late_alias") is registry.get(
+        "plugin", "late"
+    )
     with pytest.raises(LookupError, match=catalog.COMMAND):
-        registry.get("plugin", "gone").builder
+        _ = registry.get("plugin", "gone").builder
 
 
 def test_builders_registered_at_run_time_join_the_catalog(own_registry):
@@ -87,7 +99,7 @@ def test_option_bounds_and_descriptions_survive_the_catalog_and_show_in_list():
     tp = Annotated[float, Field(gt=0, lt=1, description="share held out")]
     spec = catalog.option_spec(tp, 0.3)
     assert spec == {"type": "float", "default": "0.3", "description": "share held out", "range": {"gt": 0, "lt": 1}}
-    (back, default), = catalog._fields({"x": spec}).values()
+    ((back, default),) = catalog._fields({"x": spec}).values()
     assert catalog.option_spec(back, default) == spec
     with pytest.raises(TypeError, match="only the bounds"):
         catalog.option_spec(Annotated[str, Field(pattern="a+")], "a")

@@ -40,10 +40,14 @@ METRICS = {
     "wall_time_per_exp": [1.5, 2.0, 121.5],
     "total_wall_time": 125.0,
 }
-BIC = {"validation_fraction": 0.1, "confidence_per_step": [0.9, 0.8, 0.75], "steps": [
-    {"experience": 1, "units": [2, 4], "alpha": 0.8, "beta": -0.5, "validation_before": {"accuracy": 0.7}},
-    {"experience": 2, "units": [4, 6], "alpha": 0.7, "beta": -0.9, "validation_before": {"accuracy": 0.6}},
-]}
+BIC = {
+    "validation_fraction": 0.1,
+    "confidence_per_step": [0.9, 0.8, 0.75],
+    "steps": [
+        {"experience": 1, "units": [2, 4], "alpha": 0.8, "beta": -0.5, "validation_before": {"accuracy": 0.7}},
+        {"experience": 2, "units": [4, 6], "alpha": 0.7, "beta": -0.9, "validation_before": {"accuracy": 0.6}},
+    ],
+}
 
 
 def make_run(root: Path, name: str, **changes) -> Path:
@@ -52,8 +56,11 @@ def make_run(root: Path, name: str, **changes) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    recipe = {"seed": 0, "strategy": {"name": metrics["method"], "epochs": 3},
-              "evaluation": {"loggers": [{"name": "wandb", "options": {"project": "proj", "entity": "team"}}]}}
+    recipe = {
+        "seed": 0,
+        "strategy": {"name": metrics["method"], "epochs": 3},
+        "evaluation": {"loggers": [{"name": "wandb", "options": {"project": "proj", "entity": "team"}}]},
+    }
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run_dir / "environment.json").write_text(json.dumps({"torch": "2.14.1", "device": "cpu"}))
     return run_dir
@@ -63,9 +70,17 @@ def make_run(root: Path, name: str, **changes) -> Path:
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     replay = make_run(root, "replay-run")
-    bic = make_run(root, "bic-run", method="bic", plugins={"bic": BIC}, seen_accuracy=[0.99, 0.95, 0.90],
-                   average_incremental_accuracy=0.946667, final_accuracy=0.90, forgetting=0.05,
-                   nme={"seen_accuracy": [0.99, 0.93, 0.88], "average_incremental_accuracy": 0.933333})
+    bic = make_run(
+        root,
+        "bic-run",
+        method="bic",
+        plugins={"bic": BIC},
+        seen_accuracy=[0.99, 0.95, 0.90],
+        average_incremental_accuracy=0.946667,
+        final_accuracy=0.90,
+        forgetting=0.05,
+        nme={"seen_accuracy": [0.99, 0.93, 0.88], "average_incremental_accuracy": 0.933333},
+    )
     (bic / "wandb" / "offline-run-20250101_120000-abc123").mkdir(parents=True)
     return replay, bic
 
@@ -117,7 +132,10 @@ def test_figures_have_titles_units_and_method_legends(two_runs):
 
     left, right = rp.figure_old_new(runs[0]).axes
     assert [t.get_text() for t in left.get_legend().get_texts()] == [
-        "all seen classes", "old classes", "new classes (this step)"]
+        "all seen classes",
+        "old classes",
+        "new classes (this step)",
+    ]
     assert left.get_ylabel() == "accuracy (%)" and right.get_ylabel() == "share of test predictions (%)"
     # Unbiased reference share: 2 newest classes out of 2, 4, 6 seen.
     np.testing.assert_allclose(right.lines[1].get_ydata(), [100.0, 50.0, 100 / 3])
@@ -127,15 +145,21 @@ def test_figures_have_titles_units_and_method_legends(two_runs):
     assert ax.get_title() == "bic: bias correction learned at each step"
     assert list(ax.lines[0].get_xdata()) == [1, 2] and list(ax.lines[1].get_ydata()) == [-0.5, -0.9]
     assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == [
-        "β (offset of the new classes' logits)", "no correction"]
+        "β (offset of the new classes' logits)",
+        "no correction",
+    ]
 
 
 def test_single_run_report_sections(two_runs):
     report = rp.report_for_dirs([two_runs[1]])
     assert report.title == "bic on digits: run report"
     assert [s.title for s in report.sections] == ["bic", "bic: plugin bic", "bic: recipe and environment"]
-    assert [f.title for f in report.figures] == ["bic: accuracy per step", "bic: accuracy matrix",
-                                                 "bic: old vs new classes", "bic: bias correction learned at each step"]
+    assert [f.title for f in report.figures] == [
+        "bic: accuracy per step",
+        "bic: accuracy matrix",
+        "bic: old vs new classes",
+        "bic: bias correction learned at each step",
+    ]
     headline = report.sections[0].blocks[1]
     assert headline.columns == ["", "CNN head", "nearest mean of exemplars"]
     assert headline.rows[0] == ["average incremental accuracy (%)", "94.67", "93.33"]
@@ -198,8 +222,10 @@ def test_finish_run_honours_the_report_switch_and_closes_loggers(monkeypatch, tm
     logger = SimpleNamespace(close=lambda: closed.append(True))
 
     def experiment(switch):
-        return SimpleNamespace(recipe=SimpleNamespace(output=SimpleNamespace(report=switch)),
-                               ctx=SimpleNamespace(evaluator=SimpleNamespace(loggers=[logger, object()])))
+        return SimpleNamespace(
+            recipe=SimpleNamespace(output=SimpleNamespace(report=switch)),
+            ctx=SimpleNamespace(evaluator=SimpleNamespace(loggers=[logger, object()])),
+        )
 
     # A run stopped before its first experience finished: no report to write, loggers still close.
     assert rp.finish_run(experiment(True), tmp_path) == [] and written == [] and closed == [True]
@@ -237,8 +263,12 @@ def test_wandb_report_objects_when_wandb_workspaces_is_installed(two_runs):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_report_renders_in_headless_chromium(comparison, tmp_path):
     shot = tmp_path / "shot.png"
-    subprocess.run(["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(comparison), str(shot), "900", "900"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(comparison), str(shot), "900", "900"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     from matplotlib.image import imread
 
     pixels = imread(shot)
@@ -253,8 +283,12 @@ def test_metrics_json_is_strict_and_lists_what_was_not_finite(tmp_path):
     metrics = {"forgetting": float("nan"), "plugins": {"bic": {"alpha": [1.0, float("inf")]}}, "seen_accuracy": [0.5]}
     text = metrics_json(metrics)
     parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.json"))
-    assert parsed == {"forgetting": None, "plugins": {"bic": {"alpha": [1.0, None]}}, "seen_accuracy": [0.5],
-                      "non_finite": ["forgetting", "plugins.bic.alpha[1]"]}
+    assert parsed == {
+        "forgetting": None,
+        "plugins": {"bic": {"alpha": [1.0, None]}},
+        "seen_accuracy": [0.5],
+        "non_finite": ["forgetting", "plugins.bic.alpha[1]"],
+    }
     assert metrics["forgetting"] != metrics["forgetting"]  # the caller's dict is left as it was
     run = make_run(tmp_path, "diverged", non_finite=parsed["non_finite"])
     text = rp.report_for_dirs([run]).sections[0].blocks[0].text

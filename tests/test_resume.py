@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from cl_ext.config import validate_recipe
 from conftest import TINY_RECIPE
 from test_wandb_logger import finished_records, read_offline_run
+
+from cl_ext.config import validate_recipe
 from cl_ext.runner import (
     CHECKPOINT,
     EPOCH_CHECKPOINT,
@@ -33,6 +33,7 @@ from cl_ext.runner import (
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "kill_run.py"
+
 
 def _base() -> dict:
     data = copy.deepcopy(TINY_RECIPE)
@@ -93,7 +94,10 @@ def reference_run(data: dict, folder: Path) -> Path:
 def stopped_run(recipe_path: Path, signal_name: str, point: str) -> tuple[subprocess.CompletedProcess, Path]:
     result = subprocess.run(
         [sys.executable, str(HARNESS), str(recipe_path), signal_name, point],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     runs = list((recipe_path.parent / "runs").iterdir())
     assert len(runs) == 1, result.stderr
@@ -241,9 +245,16 @@ def test_strategies_with_unsaved_state_refuse_to_resume(tmp_path, tiny_recipe_da
         resume_experiment(run_dir)
 
 
-@pytest.mark.parametrize("strategy, options", [
-    ("ewc", {"ewc_lambda": 100.0}), ("lwf", {}), ("si", {}), ("naive", {}), ("mas", {"accumulate": "sum"}),
-])
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        ("ewc", {"ewc_lambda": 100.0}),
+        ("lwf", {}),
+        ("si", {}),
+        ("naive", {}),
+        ("mas", {"accumulate": "sum"}),
+    ],
+)
 def test_avalanche_regularisers_resume_exactly(strategy, options, tmp_path, monkeypatch):
     """EWC's Fisher information, LwF's previous model, SI's path integrals and the summed MAS
     importance go through cl-ext's adapters; the summed MAS runs with reset_optimizer, whose

@@ -24,21 +24,30 @@ def _run(recipe_data, tmp_path):
 def test_end_to_end_run_writes_complete_results(tmp_path, tiny_recipe_data):
     tiny_recipe_data["evaluation"] = {"metrics": ["incremental_accuracy", "nme_accuracy"]}
     metrics, run_dir = _run(tiny_recipe_data, tmp_path)
-    assert {p.name for p in run_dir.iterdir()} >= {"recipe.yaml", "environment.json", "metrics.json", "steps.csv",
-                                                   "checkpoint.pt"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "recipe.yaml",
+        "environment.json",
+        "metrics.json",
+        "steps.csv",
+        "checkpoint.pt",
+    }
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["finished"] and saved["completed_experiences"] == 5
     matrix = saved["accuracy_matrix"]
     assert len(matrix) == 5
     for t, row in enumerate(matrix):
-        assert all(v is None for v in row[t + 1:])  # only seen experiences are scored
+        assert all(v is None for v in row[t + 1 :])  # only seen experiences are scored
         assert all(0.0 <= v <= 1.0 for v in row[: t + 1])
     for key in ("average_incremental_accuracy", "final_average_accuracy", "wall_time_per_exp"):
         assert saved[key] is not None
     assert len(saved["nme"]["seen_accuracy"]) == 5
     # Rehearsing 40 herded exemplars must clearly beat plain finetuning on the same stream.
-    finetune = dict(tiny_recipe_data, strategy=dict(tiny_recipe_data["strategy"], name="naive", memory=None),
-                    evaluation={}, output=dict(tiny_recipe_data["output"]))
+    finetune = dict(
+        tiny_recipe_data,
+        strategy=dict(tiny_recipe_data["strategy"], name="naive", memory=None),
+        evaluation={},
+        output=dict(tiny_recipe_data["output"]),
+    )
     baseline, _ = _run(finetune, tmp_path / "finetune")
     assert saved["average_incremental_accuracy"] > baseline["average_incremental_accuracy"] + 0.15
     assert saved["forgetting"] < baseline["forgetting"]
@@ -110,6 +119,7 @@ def test_cli_refuses_a_too_small_memory_and_a_file_as_output_dir_before_any_run_
     assert "strategy.memory.size: 4 exemplars cannot keep one per class of the 10 classes" in flat(result.output)
     assert not (tmp_path / "runs").exists()
     (tmp_path / "afile").write_text("")
-    result = CliRunner().invoke(app, ["run", str(path), "--set", "strategy.memory.size=40",
-                                      "--set", f"output.dir={tmp_path / 'afile'}"])
+    result = CliRunner().invoke(
+        app, ["run", str(path), "--set", "strategy.memory.size=40", "--set", f"output.dir={tmp_path / 'afile'}"]
+    )
     assert result.exit_code == 1 and "is a file, not a folder" in flat(result.output)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
+from conftest import shared_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -29,8 +30,6 @@ from cl_ext.plugins.slnid import (
     slnid_penalty,
 )
 from cl_ext.runner import build_experiment, run_experiment
-
-from conftest import shared_file
 
 
 def _recipe(**overrides) -> dict:
@@ -301,8 +300,13 @@ def test_no_discount_at_first_task_then_discount_by_importance():
     slnid = SLNIDPlugin(lambda_ssl=1e-2, scale=4.0, discount="sum")
     spy = _WeightSpy(slnid)
     strategy = Naive(
-        model, torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64, train_epochs=1,
-        eval_mb_size=256, plugins=[slnid, spy], evaluator=None,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        train_mb_size=64,
+        train_epochs=1,
+        eval_mb_size=256,
+        plugins=[slnid, spy],
+        evaluator=None,
     )
     for exp in bundle.benchmark.train_stream:
         strategy.train(exp)
@@ -340,7 +344,8 @@ def test_permuted_mnist_tasks(tmp_path):
     assert not torch.equal(x0, x1) and torch.equal(x0.flatten().sort().values, x1.flatten().sort().values)
     x2, _, _ = bundle.benchmark.test_stream[2].dataset[0]
     assert torch.equal(
-        x2.flatten().sort().values, torch.from_numpy(np.load(root / "mnist.npz")["x_test"][0]).float().flatten().div(255).sort().values
+        x2.flatten().sort().values,
+        torch.from_numpy(np.load(root / "mnist.npz")["x_test"][0]).float().flatten().div(255).sort().values,
     )
 
 
@@ -358,7 +363,11 @@ def test_grey_luma_by_hand():
 
 def _fake_cifar10(folder: Path, per_class: int = 3, test_per_class: int = 2) -> Path:
     rng = np.random.RandomState(1)
-    arrays = {"class_names": np.array(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"])}
+    arrays = {
+        "class_names": np.array(
+            ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        )
+    }
     for split, n in (("train", per_class), ("test", test_per_class)):
         arrays[f"y_{split}"] = np.repeat(np.arange(10), n)
         arrays[f"x_{split}"] = rng.randint(0, 256, size=(10 * n, 32, 32, 3)).astype(np.uint8)
@@ -410,14 +419,22 @@ def test_permuted_cifar10_missing_data_is_one_clear_error(tmp_path):
 )
 def test_recipe_with_cl_ext_strategies_multihead(tmp_path, strategy, options):
     root = _fake_mnist(tmp_path)
-    recipe = validate_recipe(_recipe(
-        benchmark={"name": "permuted_mnist", "options": {"root": str(root), "n_experiences": 2}},
-        model={"name": "mlp", "options": {"hidden": [32, 32], "multihead": True}},
-        strategy={"name": strategy, "epochs": 2, "batch_size": 40, "eval_batch_size": 100,
-                  "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "options": options},
-        plugins=[{"name": "slnid", "options": {"lambda_ssl": 1e-3}}],
-        output={"dir": str(tmp_path / "runs"), "name": "t", "report": False, "checkpoint": False},
-    ))
+    recipe = validate_recipe(
+        _recipe(
+            benchmark={"name": "permuted_mnist", "options": {"root": str(root), "n_experiences": 2}},
+            model={"name": "mlp", "options": {"hidden": [32, 32], "multihead": True}},
+            strategy={
+                "name": strategy,
+                "epochs": 2,
+                "batch_size": 40,
+                "eval_batch_size": 100,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "options": options,
+            },
+            plugins=[{"name": "slnid", "options": {"lambda_ssl": 1e-3}}],
+            output={"dir": str(tmp_path / "runs"), "name": "t", "report": False, "checkpoint": False},
+        )
+    )
     exp = build_experiment(recipe)
     (tmp_path / "run").mkdir()
     metrics = run_experiment(exp, tmp_path / "run")

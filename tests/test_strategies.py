@@ -24,15 +24,18 @@ class _MomentumAtStart(SupervisedPlugin):
         if self._first:
             self._first = False
             state = strategy.optimizer.state
-            self.buffers.append({
-                n for n, p in strategy.model.named_parameters() if "momentum_buffer" in state.get(p, {})
-            })
+            self.buffers.append(
+                {n for n, p in strategy.model.named_parameters() if "momentum_buffer" in state.get(p, {})}
+            )
 
 
 @pytest.mark.parametrize("reset", [False, True])
 def test_reset_optimizer_empties_momentum_at_each_experience(tmp_path, tiny_recipe_data, reset):
     tiny_recipe_data["strategy"].update(
-        name="naive", epochs=1, memory=None, reset_optimizer=reset,
+        name="naive",
+        epochs=1,
+        memory=None,
+        reset_optimizer=reset,
         optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
     )
     tiny_recipe_data["benchmark"]["options"]["classes_per_exp"] = 5

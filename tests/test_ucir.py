@@ -20,7 +20,7 @@ from cl_ext.config import load_recipe, validate_recipe
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin, extract_features
-from cl_ext.models import CosineIncrementalClassifier, IncrementalNet, MLP, linear_head, use_cosine_head
+from cl_ext.models import MLP, CosineIncrementalClassifier, IncrementalNet, linear_head, use_cosine_head
 from cl_ext.models.cosine import imprinted_weights
 from cl_ext.plugins import UCIRPlugin
 from cl_ext.plugins.ucir import less_forget_loss, less_forget_weight, margin_ranking_loss
@@ -60,11 +60,13 @@ def test_less_forget_weight_follows_eq7():
 
 
 def test_margin_ranking_loss_by_hand():
-    cosines = torch.tensor([
-        [0.9, 0.1, 0.6, 0.2, 0.7],   # old class 0: gt 0.9, top-2 new 0.7, 0.6 -> 0.3, 0.2
-        [0.0, 0.3, -0.5, 0.1, 0.0],  # old class 1: gt 0.3, top-2 new 0.1, 0.0 -> 0.3, 0.2
-        [0.0, 0.0, 0.9, 0.8, 0.9],   # new class 3: not an old-class sample, ignored
-    ])
+    cosines = torch.tensor(
+        [
+            [0.9, 0.1, 0.6, 0.2, 0.7],  # old class 0: gt 0.9, top-2 new 0.7, 0.6 -> 0.3, 0.2
+            [0.0, 0.3, -0.5, 0.1, 0.0],  # old class 1: gt 0.3, top-2 new 0.1, 0.0 -> 0.3, 0.2
+            [0.0, 0.0, 0.9, 0.8, 0.9],  # new class 3: not an old-class sample, ignored
+        ]
+    )
     targets = torch.tensor([0, 1, 3])
     loss = margin_ranking_loss(cosines, targets, n_old=2, margin=0.5, top_k=2)
     assert loss.item() == pytest.approx((0.3 + 0.2 + 0.3 + 0.2) / 4, abs=1e-6)
@@ -259,8 +261,13 @@ class Probe(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         head = self.ucir.head
-        step = {"old": head.weight_old.detach().clone(), "new": head.weight_new.detach().clone(),
-                "eta": head.eta.item(), "old_unchanged": True, "teacher_ok": True}
+        step = {
+            "old": head.weight_old.detach().clone(),
+            "new": head.weight_new.detach().clone(),
+            "eta": head.eta.item(),
+            "old_unchanged": True,
+            "teacher_ok": True,
+        }
         if head.num_old:
             # Imprinted rows: direction of the mean normalised feature, norm of the old rows.
             features, labels = extract_features(strategy.model, strategy.experience.dataset, "cpu")
@@ -300,9 +307,16 @@ def _run_ucir(n_first: int, per_exp: int, epochs: int = 2, **options):
     memory = ExemplarMemory(per_class=10)
     ucir = UCIRPlugin(memory, finetune=PhaseSchedule(epochs=2, lr=0.01, weight_decay=5e-4), **options)
     probe = Probe(ucir)
-    strategy = Naive(model=model, optimizer=optimizer, train_mb_size=32, train_epochs=epochs, eval_mb_size=256,
-                     plugins=[ExemplarMemoryPlugin(memory), ucir, probe], evaluator=None)
-    for t, experience in enumerate(stream.train_stream):
+    strategy = Naive(
+        model=model,
+        optimizer=optimizer,
+        train_mb_size=32,
+        train_epochs=epochs,
+        eval_mb_size=256,
+        plugins=[ExemplarMemoryPlugin(memory), ucir, probe],
+        evaluator=None,
+    )
+    for experience in stream.train_stream:
         strategy.train(experience)
     return ucir, probe, strategy
 
@@ -365,10 +379,14 @@ def test_recipe_validates_and_builder_swaps_the_head():
     from cl_ext.runner import build_experiment
 
     load_recipe(ROOT / "recipes" / "ucir.yaml")  # CIFAR-100 paper settings: options valid
-    recipe = load_recipe(ROOT / "recipes" / "ucir.yaml", [
-        "benchmark={name: digits, options: {classes_per_exp: 2}}", "model={name: mlp, options: {hidden: [16]}}",
-        "output.dir=/nonexistent",
-    ])
+    recipe = load_recipe(
+        ROOT / "recipes" / "ucir.yaml",
+        [
+            "benchmark={name: digits, options: {classes_per_exp: 2}}",
+            "model={name: mlp, options: {hidden: [16]}}",
+            "output.dir=/nonexistent",
+        ],
+    )
     exp = build_experiment(recipe)
     ucir = exp.named_plugins["ucir"]
     assert isinstance(exp.ctx.model.classifier, CosineIncrementalClassifier)
@@ -376,19 +394,31 @@ def test_recipe_validates_and_builder_swaps_the_head():
     assert ucir.lambda_base == 5.0 and ucir.margin == 0.5 and ucir.top_k == 2
     assert not ucir.cb_finetune  # the authors' CIFAR-100 script has no class-balanced finetuning
     with pytest.raises(RecipeError, match="strategy.memory"):
-        build_experiment(load_recipe(ROOT / "recipes" / "ucir.yaml", [
-            "benchmark={name: digits}", "model={name: mlp}", "strategy.memory=null", "strategy.name=naive",
-            "evaluation.metrics=[incremental_accuracy]",
-        ]))
+        build_experiment(
+            load_recipe(
+                ROOT / "recipes" / "ucir.yaml",
+                [
+                    "benchmark={name: digits}",
+                    "model={name: mlp}",
+                    "strategy.memory=null",
+                    "strategy.name=naive",
+                    "evaluation.metrics=[incremental_accuracy]",
+                ],
+            )
+        )
 
 
 def test_imagenet_style_recipe_turns_cbf_on_with_the_imagenet_settings():
     from cl_ext.runner import build_experiment
 
-    recipe = load_recipe(ROOT / "recipes" / "ucir_cbf.yaml", [
-        "benchmark={name: digits, options: {classes_per_exp: 2}}", "model={name: mlp, options: {hidden: [16]}}",
-        "output.dir=/nonexistent",
-    ])
+    recipe = load_recipe(
+        ROOT / "recipes" / "ucir_cbf.yaml",
+        [
+            "benchmark={name: digits, options: {classes_per_exp: 2}}",
+            "model={name: mlp, options: {hidden: [16]}}",
+            "output.dir=/nonexistent",
+        ],
+    )
     ucir = build_experiment(recipe).named_plugins["ucir"]
     assert ucir.cb_finetune and ucir.lambda_base == 10.0
     # cbf_class_incremental_cosine_imagenet.py: --ft_epochs 20 --ft_base_lr 0.01 --ft_lr_strat 10,

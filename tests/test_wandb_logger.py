@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from wandb.proto import wandb_internal_pb2
 
 from cl_ext.cli import app
-
 from cl_ext.config import recipe_to_dict, validate_recipe
 from cl_ext.loggers import WandbLogger, final_logs
 from cl_ext.report import finish_run, report_for_dirs, wandb_report_spec
@@ -32,8 +31,13 @@ RECIPE = {
     "device": "cpu",
     "benchmark": {"name": "digits", "options": {"classes_per_exp": 5}},
     "model": {"name": "mlp", "options": {"hidden": [32]}},
-    "strategy": {"name": "replay", "epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05},
-                 "memory": {"size": 40, "selection": "random"}},
+    "strategy": {
+        "name": "replay",
+        "epochs": 1,
+        "batch_size": 64,
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "memory": {"size": 40, "selection": "random"},
+    },
     "evaluation": {"loggers": [{"name": "wandb", "options": {"project": "cl-ext-test", "tags": ["unit"]}}]},
     "output": {"name": "wandb-test", "checkpoint": False, "report": True},
 }
@@ -63,13 +67,13 @@ def wandb_records(path: Path):
         if left < 7:  # a block's tail too short for a header is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
         if pos + 7 + length > len(data):  # still being written
             return
-        chunks += data[pos + 7: pos + 7 + length]
+        chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, LAST):
             record = wandb_internal_pb2.Record()
@@ -111,7 +115,9 @@ def read_offline_run(folder: Path) -> dict:
             out["summary"].update({_key(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "artifact":
             out["artifacts"][record.artifact.name] = (
-                record.artifact.type, sorted(c.path for c in record.artifact.manifest.contents))
+                record.artifact.type,
+                sorted(c.path for c in record.artifact.manifest.contents),
+            )
     out["config"].pop("_wandb", None)
     return out
 
@@ -189,7 +195,7 @@ def test_wandb_report_panels_use_the_logged_keys(offline_run):
 def test_sync_dry_run_and_missing_runs(offline_run, tmp_path):
     result = CliRunner().invoke(app, ["sync", str(offline_run.run_dir), "--dry-run", "--report"])
     assert result.exit_code == 0, result.output
-    spec = json.loads(result.stdout[result.stdout.index("{"):])
+    spec = json.loads(result.stdout[result.stdout.index("{") :])
     assert spec["title"] == "replay on digits: run report"
     result = CliRunner().invoke(app, ["sync", str(tmp_path)])
     assert result.exit_code == 1 and "no W&B run in" in " ".join(result.output.split())
@@ -210,8 +216,14 @@ def test_disabled_mode_in_a_users_own_script(tmp_path, monkeypatch):
     assert logger.mode == "disabled"
     metric = IncrementalAccuracy()
     model = SimpleMLP(num_classes=10, input_size=64, hidden_size=32, drop_rate=0)
-    strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64, train_epochs=1,
-                     eval_mb_size=256, evaluator=EvaluationPlugin(metric, loggers=[logger]))
+    strategy = Naive(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        train_mb_size=64,
+        train_epochs=1,
+        eval_mb_size=256,
+        evaluator=EvaluationPlugin(metric, loggers=[logger]),
+    )
     stream = bundle.benchmark
     for t, experience in enumerate(stream.train_stream):
         strategy.train(experience)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,8 +81,7 @@ def resolve_class_order(class_order: str | list[int], n_classes: int, seed: int)
     order = [int(c) for c in class_order]
     if sorted(order) != list(range(n_classes)):
         raise RecipeError(
-            f"benchmark.options.class_order: must be a permutation of 0..{n_classes - 1} "
-            f"(got {len(order)} entries)"
+            f"benchmark.options.class_order: must be a permutation of 0..{n_classes - 1} (got {len(order)} entries)"
         )
     return order
 

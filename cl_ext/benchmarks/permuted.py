@@ -96,8 +96,13 @@ def grey_luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _permuted_bundle(
-    ctx: BuildContext, name: str, data: dict[str, np.ndarray], n_experiences: int,
-    permutation_seed: int | None, permute_first: bool, train_per_class: int | None,
+    ctx: BuildContext,
+    name: str,
+    data: dict[str, np.ndarray],
+    n_experiences: int,
+    permutation_seed: int | None,
+    permute_first: bool,
+    train_per_class: int | None,
 ) -> BenchmarkBundle:
     """The task-incremental bundle for uint8 images (N, H, W) in ``data``, one permutation per task."""
     if n_experiences < 1:
@@ -133,8 +138,12 @@ def _permuted_builder(name: str, dataset_cls, what: str, npz_name: str, grey: bo
         root: Root = "data",
         download: Download = False,
         n_experiences: Annotated[int, Field(ge=1, description="number of tasks (the authors' demos: 5)")] = 5,
-        permutation_seed: Annotated[int | None, Field(description="seed of the pixel permutations (null: the recipe's seed)")] = None,
-        permute_first: Annotated[bool, Field(description="permute the first task too (the authors keep it plain)")] = False,
+        permutation_seed: Annotated[
+            int | None, Field(description="seed of the pixel permutations (null: the recipe's seed)")
+        ] = None,
+        permute_first: Annotated[
+            bool, Field(description="permute the first task too (the authors keep it plain)")
+        ] = False,
         train_per_class: PerClass = None,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, what, npz_name)

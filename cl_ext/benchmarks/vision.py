@@ -18,13 +18,20 @@ from cl_ext.registry import register
 
 ClassOrder = Annotated[
     Literal["seed", "fixed"] | list[int],
-    Field(description="order in which classes are learned: 'seed' (a permutation drawn from class_order_seed, "
-          "as iCaRL/LUCIR), 'fixed' (0..C-1) or an explicit list"),
+    Field(
+        description="order in which classes are learned: 'seed' (a permutation drawn from class_order_seed, "
+        "as iCaRL/LUCIR), 'fixed' (0..C-1) or an explicit list"
+    ),
 ]
 FirstClasses = Annotated[int | None, Field(ge=1, description="classes of the first experience (null: classes_per_exp)")]
 ClassesPerExp = Annotated[int, Field(ge=1, description="classes each later experience brings")]
-OrderSeed = Annotated[int | None, Field(description="seed of the class order (null: the recipe's seed; 1993: iCaRL/LUCIR's CIFAR-100 order)")]
-PerClass = Annotated[int | None, Field(ge=1, description="keep at most this many training images per class, a seeded draw (null: all)")]
+OrderSeed = Annotated[
+    int | None,
+    Field(description="seed of the class order (null: the recipe's seed; 1993: iCaRL/LUCIR's CIFAR-100 order)"),
+]
+PerClass = Annotated[
+    int | None, Field(ge=1, description="keep at most this many training images per class, a seeded draw (null: all)")
+]
 Root = Annotated[str, Field(description="folder holding the dataset's .npz, or torchvision's files")]
 Download = Annotated[bool, Field(description="let torchvision download the dataset when it is not under root")]
 
@@ -85,7 +92,9 @@ def checked_arrays(data: dict[str, np.ndarray], source: str) -> dict[str, np.nda
                 "(N, H, W, C) array of images with C = 1 or 3"
             )
         if y.ndim != 1 or len(y) != len(x):
-            raise DataError(f"{source}: x_{split} holds {len(x)} images but y_{split} has shape {y.shape}; expected ({len(x)},)")
+            raise DataError(
+                f"{source}: x_{split} holds {len(x)} images but y_{split} has shape {y.shape}; expected ({len(x)},)"
+            )
         if not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"{source}: y_{split} has dtype {y.dtype}; class labels must be integers 0..C-1")
         if np.issubdtype(x.dtype, np.floating):
@@ -165,7 +174,9 @@ def build_digits(
     classes_per_exp: ClassesPerExp = 2,
     class_order: ClassOrder = "seed",
     class_order_seed: OrderSeed = None,
-    test_fraction: Annotated[float, Field(gt=0, lt=1, description="share of each class held out as the test set")] = 0.3,
+    test_fraction: Annotated[
+        float, Field(gt=0, lt=1, description="share of each class held out as the test set")
+    ] = 0.3,
 ) -> BenchmarkBundle:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); embedded, works offline."""
     from sklearn.datasets import load_digits
@@ -175,10 +186,12 @@ def build_digits(
     y = torch.tensor(digits.target, dtype=torch.long)
     # A stratified split that does not depend on the recipe seed, so runs compare on one test set.
     generator = torch.Generator().manual_seed(0)
-    test_idx = torch.cat([
-        idx[torch.randperm(len(idx), generator=generator)[: round(len(idx) * test_fraction)]]
-        for idx in (torch.nonzero(y == c).flatten() for c in range(10))
-    ])
+    test_idx = torch.cat(
+        [
+            idx[torch.randperm(len(idx), generator=generator)[: round(len(idx) * test_fraction)]]
+            for idx in (torch.nonzero(y == c).flatten() for c in range(10))
+        ]
+    )
     is_test = torch.zeros(len(y), dtype=torch.bool)
     is_test[test_idx] = True
     normalize = ImagePipeline("none", (0.5,), (0.5,))
@@ -200,19 +213,30 @@ def build_digits(
 @register("benchmark", "npz")
 def build_npz(
     ctx: BuildContext,
-    path: Annotated[str, Field(description=".npz file with x_train, y_train, x_test, y_test (uint8 images, labels 0..C-1)")],
+    path: Annotated[
+        str, Field(description=".npz file with x_train, y_train, x_test, y_test (uint8 images, labels 0..C-1)")
+    ],
     first_exp_classes: FirstClasses = None,
     classes_per_exp: ClassesPerExp = 2,
     class_order: ClassOrder = "seed",
     class_order_seed: OrderSeed = None,
-    augment: Annotated[Literal["none", "cifar"], Field(description="cifar: pad by 4, random crop back, random mirror")] = "none",
+    augment: Annotated[
+        Literal["none", "cifar"], Field(description="cifar: pad by 4, random crop back, random mirror")
+    ] = "none",
     train_per_class: PerClass = None,
 ) -> BenchmarkBundle:
     """Any .npz with x_train, y_train, x_test, y_test (uint8 images); normalised with its own statistics."""
     data = load_npz(Path(path).expanduser(), "benchmark.options.path")
     return _arrays_bundle(
-        ctx, Path(path).stem, data, stats=None, augment=augment, first_exp_classes=first_exp_classes,
-        classes_per_exp=classes_per_exp, class_order=class_order, class_order_seed=class_order_seed,
+        ctx,
+        Path(path).stem,
+        data,
+        stats=None,
+        augment=augment,
+        first_exp_classes=first_exp_classes,
+        classes_per_exp=classes_per_exp,
+        class_order=class_order,
+        class_order_seed=class_order_seed,
         train_per_class=train_per_class,
     )
 
@@ -255,8 +279,15 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
         return _arrays_bundle(
-            ctx, name, data, stats=stats, augment=augment, first_exp_classes=first_exp_classes,
-            classes_per_exp=classes_per_exp, class_order=class_order, class_order_seed=class_order_seed,
+            ctx,
+            name,
+            data,
+            stats=stats,
+            augment=augment,
+            first_exp_classes=first_exp_classes,
+            classes_per_exp=classes_per_exp,
+            class_order=class_order,
+            class_order_seed=class_order_seed,
             train_per_class=train_per_class,
         )
 
@@ -268,8 +299,22 @@ def _register_torchvision() -> None:
 
     specs = [
         ("split_mnist", datasets.MNIST, "mnist.npz", MNIST_STATS, "none", "MNIST in class-incremental splits"),
-        ("split_cifar10", datasets.CIFAR10, "cifar10.npz", CIFAR10_STATS, "cifar", "CIFAR-10 in class-incremental splits"),
-        ("split_cifar100", datasets.CIFAR100, "cifar100.npz", CIFAR100_STATS, "cifar", "CIFAR-100 in class-incremental splits"),
+        (
+            "split_cifar10",
+            datasets.CIFAR10,
+            "cifar10.npz",
+            CIFAR10_STATS,
+            "cifar",
+            "CIFAR-10 in class-incremental splits",
+        ),
+        (
+            "split_cifar100",
+            datasets.CIFAR100,
+            "cifar100.npz",
+            CIFAR100_STATS,
+            "cifar",
+            "CIFAR-100 in class-incremental splits",
+        ),
     ]
     for name, cls, npz_name, stats, augment, summary in specs:
         builder = _torchvision_benchmark(name, cls, npz_name, stats, augment)

@@ -83,9 +83,7 @@ class BasicBlock(nn.Module):
         self.last_relu = last_relu
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -147,15 +145,25 @@ def _channels(ctx: BuildContext) -> int:
     return shape[0]
 
 
-LastReLU = Annotated[bool, Field(description="ReLU after the last block; UCIR removes it (false) so that features and cosines can be negative")]
+LastReLU = Annotated[
+    bool,
+    Field(
+        description="ReLU after the last block; UCIR removes it (false) so that features and cosines can be negative"
+    ),
+]
 
 
 @register("model", "mlp")
 def build_mlp(
     ctx: BuildContext,
-    hidden: Annotated[list[int], Field(description="width of each hidden layer (at least one, each >= 1)")] = [256, 256],
+    hidden: Annotated[list[int], Field(description="width of each hidden layer (at least one, each >= 1)")] = [
+        256,
+        256,
+    ],
     dropout: Annotated[float, Field(ge=0, lt=1, description="dropout probability after each hidden layer")] = 0.0,
-    multihead: Annotated[bool, Field(description="a head per task label (task-incremental benchmarks such as permuted_mnist)")] = False,
+    multihead: Annotated[
+        bool, Field(description="a head per task label (task-incremental benchmarks such as permuted_mnist)")
+    ] = False,
 ) -> IncrementalNet:
     """Multi-layer perceptron on flattened inputs (any benchmark); multihead: a head per task label."""
     if not hidden or min(hidden) < 1:
@@ -178,7 +186,9 @@ def build_resnet32(ctx: BuildContext, last_relu: LastReLU = True) -> Incremental
 def build_resnet18(
     ctx: BuildContext,
     last_relu: LastReLU = True,
-    small_input: Annotated[bool | None, Field(description="3x3 stem without max-pool (null: for inputs of 64 px or less)")] = None,
+    small_input: Annotated[
+        bool | None, Field(description="3x3 stem without max-pool (null: for inputs of 64 px or less)")
+    ] = None,
 ) -> IncrementalNet:
     """ResNet-18 (512-d features); 3x3 stem without max-pool for inputs of 64 px or less."""
     if small_input is None:

@@ -32,9 +32,7 @@ from avalanche.models import DynamicModule, IncrementalClassifier
 from torch import nn
 
 
-def imprinted_weights(
-    features: torch.Tensor, labels: torch.Tensor, classes: list[int], norm: float
-) -> torch.Tensor:
+def imprinted_weights(features: torch.Tensor, labels: torch.Tensor, classes: list[int], norm: float) -> torch.Tensor:
     """One row per class in ``classes``: normalise(mean_i normalise(f_i)) * ``norm``.
 
     The authors' ``--imprint_weights``: ``norm`` is the mean norm of the old classes' rows.

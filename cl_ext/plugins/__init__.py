@@ -10,6 +10,12 @@ from cl_ext.plugins.slnid import SLNIDPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
 __all__ = [
-    "BiCPlugin", "EEILPlugin", "ExemplarMemoryPlugin", "ICaRLPlugin", "IL2MPlugin", "SLNIDPlugin", "SummedMASPlugin",
+    "BiCPlugin",
+    "EEILPlugin",
+    "ExemplarMemoryPlugin",
+    "ICaRLPlugin",
+    "IL2MPlugin",
+    "SLNIDPlugin",
+    "SummedMASPlugin",
     "UCIRPlugin",
 ]

@@ -49,8 +49,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cl_ext.context import BuildContext
-from cl_ext.errors import RecipeError
 from cl_ext.data import tensor_enabled
+from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
@@ -60,9 +60,7 @@ BatchNormMode = Literal["train", "eval"]
 
 
 # -- pure functions ------------------------------------------------------------------------
-def correct_logits(
-    logits: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, start: int, end: int
-) -> torch.Tensor:
+def correct_logits(logits: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """The bias correction layer: ``alpha * o_k + beta`` for units ``start <= k < end``, ``o_k`` elsewhere."""
     if end <= start:
         return logits
@@ -166,18 +164,28 @@ def fit_bias_correction(
     tensor: bool = True,
 ) -> tuple[float, float, list[float]]:
     """Stage 2 on cached validation logits: returns ``alpha``, ``beta`` and the loss per epoch."""
-    params = nn.ParameterDict({
-        "alpha": nn.Parameter(torch.ones((), device=device)),
-        "beta": nn.Parameter(torch.zeros((), device=device)),
-    })
+    params = nn.ParameterDict(
+        {
+            "alpha": nn.Parameter(torch.ones((), device=device)),
+            "beta": nn.Parameter(torch.zeros((), device=device)),
+        }
+    )
 
     def loss_fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         corrected = correct_logits(z, params["alpha"], params["beta"], start, end)
         return stage2_loss(corrected, y, params["beta"], beta_penalty)
 
     losses = train_phase(
-        params, TensorDataset(logits, targets), params.values(), loss_fn, schedule,
-        batch_size=batch_size, device=device, mode="eval", generator=generator, description="BiC stage 2",
+        params,
+        TensorDataset(logits, targets),
+        params.values(),
+        loss_fn,
+        schedule,
+        batch_size=batch_size,
+        device=device,
+        mode="eval",
+        generator=generator,
+        description="BiC stage 2",
         tensor=tensor,
     )
     return params["alpha"].item(), params["beta"].item(), losses
@@ -307,30 +315,43 @@ class BiCPlugin(SupervisedPlugin):
             )
         batch_size = strategy.train_mb_size
         logits, targets = validation_logits(
-            strategy.model, self.memory.holdout_dataset(classes), strategy.device, batch_size,
-            self.stage2_batch_norm, tensor_enabled(strategy),
+            strategy.model,
+            self.memory.holdout_dataset(classes),
+            strategy.device,
+            batch_size,
+            self.stage2_batch_norm,
+            tensor_enabled(strategy),
         )
         lr = reference_stage2_lr(batch_size) if self.stage2_lr is None else self.stage2_lr
         schedule = PhaseSchedule(epochs=self.stage2_epochs, lr=lr, momentum=0.9, milestones=self.stage2_milestones)
         alpha, beta, losses = fit_bias_correction(
-            logits, targets, start, end, schedule, batch_size=batch_size,
-            device=strategy.device, beta_penalty=self.beta_penalty, generator=self._generator,
+            logits,
+            targets,
+            start,
+            end,
+            schedule,
+            batch_size=batch_size,
+            device=strategy.device,
+            beta_penalty=self.beta_penalty,
+            generator=self._generator,
             tensor=tensor_enabled(strategy),
         )
         self.bias_layer.set(alpha, beta, start, end)
         with torch.no_grad():
             corrected = self.bias_layer(logits.to(self.bias_layer.alpha.device)).cpu()
-        self.history.append({
-            "experience": strategy.experience.current_experience,
-            "units": [start, end],
-            "alpha": alpha,
-            "beta": beta,
-            "validation_size": len(targets),
-            "stage2_lr": lr,
-            "stage2_loss": [losses[0], losses[-1]] if losses else None,
-            "validation_before": prediction_stats(logits, targets, start),
-            "validation_after": prediction_stats(corrected, targets, start),
-        })
+        self.history.append(
+            {
+                "experience": strategy.experience.current_experience,
+                "units": [start, end],
+                "alpha": alpha,
+                "beta": beta,
+                "validation_size": len(targets),
+                "stage2_lr": lr,
+                "stage2_loss": [losses[0], losses[-1]] if losses else None,
+                "validation_before": prediction_stats(logits, targets, start),
+                "validation_after": prediction_stats(corrected, targets, start),
+            }
+        )
 
     # -- reporting and persistence ---------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -368,14 +389,24 @@ def prediction_stats(logits: torch.Tensor, targets: torch.Tensor, newest_start: 
 @register("plugin", "bic")
 def build_bic(
     ctx: BuildContext,
-    val_fraction: Annotated[float, Field(gt=0, lt=1, description="share of each class's memory quota held out for stage 2 (authors: 0.1)")] = 0.1,
+    val_fraction: Annotated[
+        float, Field(gt=0, lt=1, description="share of each class's memory quota held out for stage 2 (authors: 0.1)")
+    ] = 0.1,
     temperature: Annotated[float, Field(gt=0, description="T of the distillation loss (paper: 2)")] = 2.0,
     stage2_epochs: Annotated[int, Field(ge=1, description="epochs of the bias-correction stage (authors: 200)")] = 200,
-    stage2_lr: Annotated[float | None, Field(gt=0, description="stage-2 SGD lr (null: the authors' 0.1·batch/256)")] = None,
-    stage2_milestones: Annotated[tuple[int, ...], Field(description="stage-2 epochs where the lr is divided by 10 (authors: 60, 120, 160, 180)")] = (60, 120, 160, 180),
+    stage2_lr: Annotated[
+        float | None, Field(gt=0, description="stage-2 SGD lr (null: the authors' 0.1·batch/256)")
+    ] = None,
+    stage2_milestones: Annotated[
+        tuple[int, ...], Field(description="stage-2 epochs where the lr is divided by 10 (authors: 60, 120, 160, 180)")
+    ] = (60, 120, 160, 180),
     beta_penalty: Annotated[float, Field(ge=0, description="weight w of the w·β²/2 penalty (authors: 0.1)")] = 0.1,
-    stage2_batch_norm: Annotated[BatchNormMode, Field(description="train: batch statistics in stage 2, as the authors; eval: running statistics")] = "train",
-    shrink_weight_decay: Annotated[bool, Field(description="stage-1 weight decay wd·N/(t+1) at step t of N (authors); false: constant")] = True,
+    stage2_batch_norm: Annotated[
+        BatchNormMode, Field(description="train: batch statistics in stage 2, as the authors; eval: running statistics")
+    ] = "train",
+    shrink_weight_decay: Annotated[
+        bool, Field(description="stage-1 weight decay wd·N/(t+1) at step t of N (authors); false: constant")
+    ] = True,
 ) -> BiCPlugin:
     """BiC (Wu et al. 2019): distillation, then a 2-parameter bias correction fitted on held-out exemplars."""
     if ctx.memory is None:
@@ -384,9 +415,16 @@ def build_bic(
             "(e.g. strategy.name: replay, strategy.memory: {size: 2000, selection: herding})"
         )
     return BiCPlugin(
-        ctx.model, ctx.memory, val_fraction=val_fraction, temperature=temperature,
-        stage2_epochs=stage2_epochs, stage2_lr=stage2_lr, stage2_milestones=stage2_milestones,
-        beta_penalty=beta_penalty, stage2_batch_norm=stage2_batch_norm,
-        shrink_weight_decay=shrink_weight_decay, n_steps=ctx.benchmark.info.n_experiences if ctx.benchmark else None,
+        ctx.model,
+        ctx.memory,
+        val_fraction=val_fraction,
+        temperature=temperature,
+        stage2_epochs=stage2_epochs,
+        stage2_lr=stage2_lr,
+        stage2_milestones=stage2_milestones,
+        beta_penalty=beta_penalty,
+        stage2_batch_norm=stage2_batch_norm,
+        shrink_weight_decay=shrink_weight_decay,
+        n_steps=ctx.benchmark.info.n_experiences if ctx.benchmark else None,
         seed=ctx.recipe.seed,
     )

@@ -27,8 +27,9 @@ driven by :class:`~cl_ext.memory.ExemplarMemoryPlugin`, which must come before t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,10 @@ from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
+from cl_ext.data import attribute, tensor_enabled
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, herding_order
 from cl_ext.registry import register
-from cl_ext.data import attribute, tensor_enabled
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 # -- losses ----------------------------------------------------------------------------
@@ -360,7 +361,12 @@ class EEILPlugin(SupervisedPlugin):
     def _balanced_finetuning(self, strategy) -> None:
         model, device = strategy.model, strategy.device
         data = balanced_dataset(
-            self._old_exemplars, self.memory, self._old_per_class, model, strategy.experience.dataset, device,
+            self._old_exemplars,
+            self.memory,
+            self._old_per_class,
+            model,
+            strategy.experience.dataset,
+            device,
             tensor_enabled(strategy),
         )
         teacher = frozen_copy(model)
@@ -378,19 +384,27 @@ class EEILPlugin(SupervisedPlugin):
         # epochs (and the noise schedule) continue the count: 41 to 70 after 40.
         main_epochs = self._epoch
         losses = train_phase(
-            model, repeated(data, self.multiplicity), model.parameters(), loss_fn, self.finetune,
-            batch_size=self.batch_size, device=device, description="EEIL balanced fine-tuning",
+            model,
+            repeated(data, self.multiplicity),
+            model.parameters(),
+            loss_fn,
+            self.finetune,
+            batch_size=self.batch_size,
+            device=device,
+            description="EEIL balanced fine-tuning",
             before_step=lambda epoch, n: self._add_noise(model, main_epochs + epoch + 1, n),
             tensor=tensor_enabled(strategy),
         )
         counts = attribute(data, "targets").bincount()
-        self._finetune_log.append({
-            "step": len(self.step_classes),
-            "per_class": self._old_per_class,
-            "class_counts": {str(c): int(counts[c]) for c in torch.nonzero(counts).flatten().tolist()},
-            "loss_first_epoch": losses[0] if losses else None,
-            "loss_last_epoch": losses[-1] if losses else None,
-        })
+        self._finetune_log.append(
+            {
+                "step": len(self.step_classes),
+                "per_class": self._old_per_class,
+                "class_counts": {str(c): int(counts[c]) for c in torch.nonzero(counts).flatten().tolist()},
+                "loss_first_epoch": losses[0] if losses else None,
+                "loss_last_epoch": losses[-1] if losses else None,
+            }
+        )
 
     # -- persistence and reporting ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -409,19 +423,42 @@ class EEILPlugin(SupervisedPlugin):
 def build_eeil(
     ctx: BuildContext,
     temperature: Annotated[float, Field(gt=0, description="distillation temperature T (paper: 2)")] = 2.0,
-    balanced_finetuning: Annotated[bool, Field(description="balanced fine-tuning after every incremental step (paper)")] = True,
-    finetune_epochs: Annotated[int, Field(ge=1, description="epochs of balanced fine-tuning (paper, CIFAR-100: 30)")] = 30,
-    finetune_lr_factor: Annotated[float, Field(gt=0, description="fine-tuning starts at the recipe's lr times this (paper: 0.1)")] = 0.1,
-    finetune_milestones: Annotated[list[int], Field(description="fine-tuning epochs where its lr is divided by 10 (paper: [10, 20])")] = [10, 20],
-    augment: Annotated[Literal["none", "full", "photometric"], Field(
-        description="full: the paper's brightness, contrast, crop and mirror; photometric: brightness and contrast only "
-                    "(for benchmarks that already crop and mirror)")] = "none",
-    augment_mean: Annotated[list[float], Field(description="the benchmark's normalisation mean, so augmentation acts on [0, 1] pixels")] = [0.0],
+    balanced_finetuning: Annotated[
+        bool, Field(description="balanced fine-tuning after every incremental step (paper)")
+    ] = True,
+    finetune_epochs: Annotated[
+        int, Field(ge=1, description="epochs of balanced fine-tuning (paper, CIFAR-100: 30)")
+    ] = 30,
+    finetune_lr_factor: Annotated[
+        float, Field(gt=0, description="fine-tuning starts at the recipe's lr times this (paper: 0.1)")
+    ] = 0.1,
+    finetune_milestones: Annotated[
+        list[int], Field(description="fine-tuning epochs where its lr is divided by 10 (paper: [10, 20])")
+    ] = [10, 20],
+    augment: Annotated[
+        Literal["none", "full", "photometric"],
+        Field(
+            description="full: the paper's brightness, contrast, crop and mirror; photometric: brightness and contrast only "
+            "(for benchmarks that already crop and mirror)"
+        ),
+    ] = "none",
+    augment_mean: Annotated[
+        list[float], Field(description="the benchmark's normalisation mean, so augmentation acts on [0, 1] pixels")
+    ] = [0.0],
     augment_std: Annotated[list[float], Field(description="the benchmark's normalisation std")] = [1.0],
-    gradient_noise: Annotated[bool, Field(description="add the authors' gradient noise (recipes/eeil.yaml: true)")] = False,
-    noise_eta: Annotated[float, Field(ge=0, description="noise std η/(1+epoch)^γ on the batch-summed gradient (authors: 0.3)")] = 0.3,
+    gradient_noise: Annotated[
+        bool, Field(description="add the authors' gradient noise (recipes/eeil.yaml: true)")
+    ] = False,
+    noise_eta: Annotated[
+        float, Field(ge=0, description="noise std η/(1+epoch)^γ on the batch-summed gradient (authors: 0.3)")
+    ] = 0.3,
     noise_gamma: Annotated[float, Field(ge=0, description="γ of the noise schedule (authors: 0.55)")] = 0.55,
-    multiplicity: Annotated[int, Field(ge=1, description="passes over the training set per epoch, both phases (authors: 12; recipes/eeil.yaml: 12)")] = 1,
+    multiplicity: Annotated[
+        int,
+        Field(
+            ge=1, description="passes over the training set per epoch, both phases (authors: 12; recipes/eeil.yaml: 12)"
+        ),
+    ] = 1,
 ) -> EEILPlugin:
     """EEIL (Castro et al. 2018): cross-distilled loss and balanced fine-tuning; needs strategy.memory."""
     if ctx.memory is None:
@@ -441,9 +478,9 @@ def build_eeil(
         temperature=temperature,
         finetune=finetune,
         batch_size=s.batch_size,
-        augment=None if augment == "none" else EEILAugment(
-            tuple(augment_mean), tuple(augment_std), geometric=augment == "full"
-        ),
+        augment=None
+        if augment == "none"
+        else EEILAugment(tuple(augment_mean), tuple(augment_std), geometric=augment == "full"),
         gradient_noise=GradientNoise(noise_eta, noise_gamma) if gradient_noise else None,
         multiplicity=multiplicity,
     )

@@ -43,7 +43,10 @@ from cl_ext.training import frozen_copy
 
 # -- loss ------------------------------------------------------------------------------------
 def icarl_targets(
-    labels: torch.Tensor, n_units: int, old_units: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None
+    labels: torch.Tensor,
+    n_units: int,
+    old_units: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Alg. 3's targets, shape (N, n_units): ``delta_{y = y_i}`` on every unit, except the old
     classes' units (``old_units``), which get the teacher's sigmoid outputs ``q_i^y``."""

@@ -49,8 +49,8 @@ from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
-from cl_ext.errors import RecipeError
 from cl_ext.data import tensor_enabled
+from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
@@ -193,20 +193,24 @@ class IL2MPlugin(SupervisedPlugin):
             missing = torch.nonzero(current_mean.isnan()).flatten().tolist()
             raise RuntimeError(f"IL2M found no exemplars of old classes {missing[:5]} in the memory")
         statistics = (
-            self.init_mean[:start], current_mean, self.confidence[step],
+            self.init_mean[:start],
+            current_mean,
+            self.confidence[step],
             torch.tensor(self.confidence, dtype=torch.float64)[self.class_step[:start]],
         )
         scale = il2m_scale(*statistics)
         self.rectifier.set(scale)
-        self.history.append({
-            "experience": strategy.experience.current_experience,
-            "old_classes": start,
-            "confidence": self.confidence[step],
-            "scale_min": float(scale.min()),
-            "scale_mean": float(scale.mean()),
-            "scale_max": float(scale.max()),
-            "undefined_factors": int((~defined_factors(*statistics)).sum()),
-        })
+        self.history.append(
+            {
+                "experience": strategy.experience.current_experience,
+                "old_classes": start,
+                "confidence": self.confidence[step],
+                "scale_min": float(scale.min()),
+                "scale_mean": float(scale.mean()),
+                "scale_max": float(scale.max()),
+                "undefined_factors": int((~defined_factors(*statistics)).sum()),
+            }
+        )
 
     def _scores(self, strategy, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         # A measurement (extract_features leaves the training randomness alone), so IL2M trains
@@ -238,7 +242,9 @@ class IL2MPlugin(SupervisedPlugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("scores", "softmax")  # states saved before the option existed used softmax
         if saved != self.rectifier.scores:
-            raise ValueError(f"this IL2M state was measured with scores={saved!r}, the plugin uses {self.rectifier.scores!r}")
+            raise ValueError(
+                f"this IL2M state was measured with scores={saved!r}, the plugin uses {self.rectifier.scores!r}"
+            )
         self.init_mean = torch.tensor(state["init_mean"], dtype=torch.float64)
         self.class_step = torch.tensor(state["class_step"], dtype=torch.long)
         self.confidence = list(state["confidence"])
@@ -249,8 +255,13 @@ class IL2MPlugin(SupervisedPlugin):
 @register("plugin", "il2m")
 def build_il2m(
     ctx: BuildContext,
-    scores: Annotated[Scores, Field(description="what is measured and rescaled: softmax probabilities (default), "
-                                                "or raw logits as in the authors' code")] = "softmax",
+    scores: Annotated[
+        Scores,
+        Field(
+            description="what is measured and rescaled: softmax probabilities (default), "
+            "or raw logits as in the authors' code"
+        ),
+    ] = "softmax",
 ) -> IL2MPlugin:
     """IL2M (Belouadah & Popescu 2019): rescales old-class scores with stored class statistics."""
     if ctx.memory is None:

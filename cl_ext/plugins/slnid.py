@@ -27,15 +27,15 @@ from typing import Annotated, Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
-from pydantic import Field
 from avalanche.models.utils import avalanche_forward
+from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
 from cl_ext.data import loader, tensor_enabled
+from cl_ext.errors import RecipeError
 from cl_ext.progress import phase
 from cl_ext.randomness import measurement
-from cl_ext.errors import RecipeError
 from cl_ext.registry import register
 from cl_ext.training import record_loss_terms
 
@@ -263,9 +263,9 @@ class SLNIDPlugin(SupervisedPlugin):
             old = self.importance.get(name)
             self.importance[name] = alpha if old is None else old.to(alpha.device) + alpha
         self._weights = {}
-        self.history.append({
-            name: {"mean": float(a.mean()), "max": float(a.max())} for name, a in self.importance.items()
-        })
+        self.history.append(
+            {name: {"mean": float(a.mean()), "max": float(a.max())} for name, a in self.importance.items()}
+        )
 
     @measurement
     @torch.enable_grad()
@@ -324,10 +324,21 @@ class SLNIDPlugin(SupervisedPlugin):
 @register("plugin", "slnid")
 def build_slnid(
     ctx: BuildContext,
-    lambda_ssl: Annotated[float, Field(ge=0, description="weight λ_SSL of the regulariser (authors: 1e-3 with MAS, 2e-3 with EWC)")] = 1e-3,
-    scale: Annotated[float | None, Field(gt=0, description="σ = N / scale of the local inhibition (authors: 6); null: the whole layer (SNID)")] = 6.0,
-    discount: Annotated[Discount, Field(description="sum: exp(-(α_i+α_j)) (paper); min: min(exp(-α_i), exp(-α_j)) (authors' code); none: SLNI")] = "sum",
-    layers: Annotated[list[str] | None, Field(description="module names or class names to regularise (null: every fully connected ReLU)")] = None,
+    lambda_ssl: Annotated[
+        float, Field(ge=0, description="weight λ_SSL of the regulariser (authors: 1e-3 with MAS, 2e-3 with EWC)")
+    ] = 1e-3,
+    scale: Annotated[
+        float | None,
+        Field(gt=0, description="σ = N / scale of the local inhibition (authors: 6); null: the whole layer (SNID)"),
+    ] = 6.0,
+    discount: Annotated[
+        Discount,
+        Field(description="sum: exp(-(α_i+α_j)) (paper); min: min(exp(-α_i), exp(-α_j)) (authors' code); none: SLNI"),
+    ] = "sum",
+    layers: Annotated[
+        list[str] | None,
+        Field(description="module names or class names to regularise (null: every fully connected ReLU)"),
+    ] = None,
 ) -> SLNIDPlugin:
     """SLNID sparsity regulariser (Aljundi et al., ICLR 2019); pair it with MAS or EWC."""
     if layers is not None and ctx.model is not None:

@@ -37,8 +37,8 @@ from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
-from cl_ext.errors import RecipeError
 from cl_ext.data import tensor_enabled
+from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, unit_rows, use_cosine_head
 from cl_ext.registry import register
@@ -295,22 +295,40 @@ class UCIRPlugin(SupervisedPlugin):
 @register("plugin", "ucir", "lucir")
 def build_ucir(
     ctx: BuildContext,
-    lambda_base: Annotated[float, Field(ge=0, description="λ_base of the less-forget weight (paper: 5 on CIFAR-100, 10 on ImageNet)")] = 5.0,
-    adaptive_lambda: Annotated[bool, Field(description="λ = λ_base·sqrt(|C_old|/|C_new|) (paper); false: λ = λ_base")] = True,
+    lambda_base: Annotated[
+        float, Field(ge=0, description="λ_base of the less-forget weight (paper: 5 on CIFAR-100, 10 on ImageNet)")
+    ] = 5.0,
+    adaptive_lambda: Annotated[
+        bool, Field(description="λ = λ_base·sqrt(|C_old|/|C_new|) (paper); false: λ = λ_base")
+    ] = True,
     less_forget: Annotated[bool, Field(description="add the less-forget term (Eq. 6)")] = True,
     margin_ranking: Annotated[bool, Field(description="add the margin ranking term (Eq. 8)")] = True,
     margin: Annotated[float, Field(ge=0, description="m of the margin ranking term (paper: 0.5)")] = 0.5,
     top_k: Annotated[int, Field(ge=1, description="K hardest new classes per old-class sample (paper: 2)")] = 2,
-    mr_weight: Annotated[float, Field(ge=0, description="weight of the margin ranking term (authors' --lw_mr 1)")] = 1.0,
-    imprint: Annotated[bool, Field(description="imprint the new classes' weights from their features (authors' code)")] = True,
-    freeze_old: Annotated[bool, Field(description="freeze the old classes' weights in the main phase (authors' code)")] = True,
-    cb_finetune: Annotated[bool, Field(description="class-balanced finetuning after each step (authors: ImageNet-Full only)")] = False,
+    mr_weight: Annotated[
+        float, Field(ge=0, description="weight of the margin ranking term (authors' --lw_mr 1)")
+    ] = 1.0,
+    imprint: Annotated[
+        bool, Field(description="imprint the new classes' weights from their features (authors' code)")
+    ] = True,
+    freeze_old: Annotated[
+        bool, Field(description="freeze the old classes' weights in the main phase (authors' code)")
+    ] = True,
+    cb_finetune: Annotated[
+        bool, Field(description="class-balanced finetuning after each step (authors: ImageNet-Full only)")
+    ] = False,
     finetune_epochs: Annotated[int, Field(ge=1, description="CBF epochs (authors: 20)")] = 20,
     finetune_lr: Annotated[float, Field(gt=0, description="CBF learning rate (authors: 0.01)")] = 0.01,
-    finetune_milestones: Annotated[list[int], Field(description="CBF epochs where the lr is multiplied by finetune_gamma (authors: [10])")] = [10],
+    finetune_milestones: Annotated[
+        list[int], Field(description="CBF epochs where the lr is multiplied by finetune_gamma (authors: [10])")
+    ] = [10],
     finetune_gamma: Annotated[float, Field(gt=0, description="CBF lr factor at each milestone (authors: 0.1)")] = 0.1,
-    finetune_weight_decay: Annotated[float | None, Field(ge=0, description="CBF weight decay (null: the recipe's; authors: the main phase's)")] = None,
-    finetune_batch_size: Annotated[int | None, Field(ge=1, description="CBF batch size (null: the recipe's; paper: 128)")] = None,
+    finetune_weight_decay: Annotated[
+        float | None, Field(ge=0, description="CBF weight decay (null: the recipe's; authors: the main phase's)")
+    ] = None,
+    finetune_batch_size: Annotated[
+        int | None, Field(ge=1, description="CBF batch size (null: the recipe's; paper: 128)")
+    ] = None,
 ) -> UCIRPlugin:
     """UCIR (Hou et al. 2019): cosine head, less-forget, margin ranking, class-balanced finetuning."""
     if ctx.memory is None:
