@@ -474,13 +474,18 @@ def _list_options(name: str) -> None:
 SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
+THIRD_PARTY_WARNINGS = (
+    r"(avalanche|torch|torchvision|torchmetrics|wandb|qpsolvers|sklearn|pkg_resources|matplotlib|pydantic)(\.|$)"
+)
+
+
 def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     if not os.environ.get("CL_EXT_WARNINGS"):
-        # Avalanche and its optional solvers warn about their own deprecations on every run;
-        # CL_EXT_WARNINGS=1 shows them.
+        # Avalanche and the libraries under it warn about their own deprecations on every run;
+        # CL_EXT_WARNINGS=1 shows them. cl-ext's own warnings always show.
         for category in (UserWarning, DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_WARNINGS)
     app()
 
 

@@ -52,7 +52,7 @@ def _criterion() -> torch.nn.Module:
 @register("strategy", "naive", "finetune")
 def build_naive(ctx: BuildContext) -> Naive:
     """Fine-tuning on each experience (rehearses exemplars if strategy.memory is set)."""
-    return Naive(ctx.model, criterion=_criterion(), **common_kwargs(ctx))
+    return Naive(model=ctx.model, criterion=_criterion(), **common_kwargs(ctx))
 
 
 @register("strategy", "replay")
@@ -60,13 +60,13 @@ def build_replay(ctx: BuildContext) -> Naive:
     """Fine-tuning with exemplar rehearsal; needs strategy.memory."""
     if ctx.recipe.strategy.memory is None:
         raise RecipeError("strategy 'replay' needs strategy.memory (e.g. {size: 2000, selection: herding})")
-    return Naive(ctx.model, criterion=_criterion(), **common_kwargs(ctx))
+    return Naive(model=ctx.model, criterion=_criterion(), **common_kwargs(ctx))
 
 
 @register("strategy", "cumulative", "joint")
 def build_cumulative(ctx: BuildContext) -> Cumulative:
     """Upper bound: at each step, train on the union of all data seen so far."""
-    return Cumulative(ctx.model, criterion=_criterion(), **common_kwargs(ctx))
+    return Cumulative(model=ctx.model, criterion=_criterion(), **common_kwargs(ctx))
 
 
 @register("strategy", "ewc")
@@ -89,7 +89,7 @@ def build_ewc(
 ) -> EWC:
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
     return EWC(
-        ctx.model,
+        model=ctx.model,
         criterion=_criterion(),
         ewc_lambda=ewc_lambda,
         mode=mode,
@@ -105,7 +105,7 @@ def build_lwf(
     temperature: Annotated[float, Field(gt=0, description="distillation temperature")] = 2.0,
 ) -> LwF:
     """Learning without Forgetting (Li & Hoiem 2016)."""
-    return LwF(ctx.model, criterion=_criterion(), alpha=alpha, temperature=temperature, **common_kwargs(ctx))
+    return LwF(model=ctx.model, criterion=_criterion(), alpha=alpha, temperature=temperature, **common_kwargs(ctx))
 
 
 @register("strategy", "si")
@@ -115,7 +115,9 @@ def build_si(
     eps: Annotated[float, Field(gt=0, description="damping of the importance denominator")] = 1e-7,
 ) -> SynapticIntelligence:
     """Synaptic Intelligence (Zenke et al. 2017)."""
-    return SynapticIntelligence(ctx.model, criterion=_criterion(), si_lambda=si_lambda, eps=eps, **common_kwargs(ctx))
+    return SynapticIntelligence(
+        model=ctx.model, criterion=_criterion(), si_lambda=si_lambda, eps=eps, **common_kwargs(ctx)
+    )
 
 
 @register("strategy", "mas")
@@ -131,7 +133,7 @@ def build_mas(
 ) -> MAS | Naive:
     """Memory Aware Synapses (Aljundi et al. 2018); importance summed (authors) or averaged (Avalanche)."""
     if accumulate == "average":
-        return MAS(ctx.model, criterion=_criterion(), lambda_reg=lambda_reg, alpha=alpha, **common_kwargs(ctx))
+        return MAS(model=ctx.model, criterion=_criterion(), lambda_reg=lambda_reg, alpha=alpha, **common_kwargs(ctx))
     # Avalanche's MAS strategy is the plain training loop with its plugin after the others: so is this.
     kwargs = common_kwargs(ctx)
     kwargs["plugins"] = [*kwargs["plugins"], SummedMASPlugin(lambda_reg=lambda_reg)]
@@ -146,7 +148,7 @@ def build_gem(
 ) -> GEM:
     """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017)."""
     return GEM(
-        ctx.model,
+        model=ctx.model,
         criterion=_criterion(),
         patterns_per_exp=patterns_per_exp,
         memory_strength=memory_strength,
@@ -162,7 +164,7 @@ def build_agem(
 ) -> AGEM:
     """Averaged GEM (Chaudhry et al. 2019)."""
     return AGEM(
-        ctx.model,
+        model=ctx.model,
         criterion=_criterion(),
         patterns_per_exp=patterns_per_exp,
         sample_size=sample_size,

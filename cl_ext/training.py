@@ -88,7 +88,7 @@ def train_phase(
                     loss = loss_fn(x, y)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(
-                            f"{description}: the loss is {float(loss)} at epoch {epoch + 1}/{schedule.epochs}, "
+                            f"{description}: the loss is {float(loss.detach())} at epoch {epoch + 1}/{schedule.epochs}, "
                             f"iteration {iteration + 1}: lower the phase's learning rate ({schedule.lr})"
                         )
                     optimizer.zero_grad(set_to_none=True)
@@ -168,7 +168,7 @@ class NonFiniteLossGuard(SupervisedPlugin):
             strategy.loss = torch.zeros((), device=loss.device, requires_grad=True)
             return
         raise NonFiniteLoss(
-            f"the training loss is {float(loss)} at experience {where['experience'] + 1}, epoch {where['epoch'] + 1}, "
+            f"the training loss is {float(loss.detach())} at experience {where['experience'] + 1}, epoch {where['epoch'] + 1}, "
             f"iteration {where['iteration'] + 1}: {format_terms(self.loss_terms(strategy))}. "
             "Lower strategy.optimizer.lr or the weight of the non-finite term "
             "(or set strategy.nonfinite_loss: skip to skip such batches)"
