@@ -129,6 +129,7 @@ def text() -> str:
                     "summary": entry.summary,
                     "options": options,
                 }
+                | ({} if entry.n_classes is None else {"n_classes": entry.n_classes})
             )
     data = {"generated_by": COMMAND, "entries": entries}
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

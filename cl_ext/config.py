@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cl_ext import registry
 from cl_ext.errors import RecipeError
+from cl_ext.splits import split_sizes
 
 
 class _Strict(BaseModel):
@@ -202,6 +203,11 @@ def _check_registered(recipe: Recipe, source: str) -> None:
                 f"{source}: {path}.options.{key}: {first['msg']} "
                 f"({kind} {component.name!r} takes: {', '.join(entry.options_model.model_fields) or 'no options'})"
             ) from None
+        if kind == "benchmark" and entry.n_classes is not None and hasattr(validated, "classes_per_exp"):
+            try:  # the split, checked here for the benchmarks whose class count is known without data
+                split_sizes(entry.n_classes, getattr(validated, "first_exp_classes", None), validated.classes_per_exp)
+            except RecipeError as err:
+                raise RecipeError(f"{source}: {err}") from None
         # Every option with its value, defaults included: the saved recipe.yaml and `validate` then
         # say what ran, and a run can be repeated after a default changes.
         resolved = validated.model_dump(mode="json")

@@ -54,6 +54,8 @@ class Entry:
     fields: catalog.Fields
     # None while only the catalog knows the entry: its module has not been imported yet.
     loaded_builder: Callable[..., Any] | None = None
+    # A benchmark's class count where it is fixed (digits, MNIST, CIFAR), for checking splits early.
+    n_classes: int | None = None
 
     @property
     def loaded(self) -> bool:
@@ -80,7 +82,15 @@ def _from_catalog() -> dict[str, dict[str, Entry]]:
     registry: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
     for kind, specs in catalog.read().items():
         for spec in specs:
-            entry = Entry(kind, spec["name"], tuple(spec["aliases"]), spec["module"], spec["summary"], spec["options"])
+            entry = Entry(
+                kind,
+                spec["name"],
+                tuple(spec["aliases"]),
+                spec["module"],
+                spec["summary"],
+                spec["options"],
+                n_classes=spec.get("n_classes"),
+            )
             for key in (entry.name, *entry.aliases):
                 registry[kind][key] = entry
     return registry
@@ -114,8 +124,9 @@ def _signature_fields(kind: str, name: str, builder: Callable[..., Any]) -> cata
     return fields
 
 
-def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callable]:
-    """Register ``builder`` under ``kind``/``name`` (and optional aliases)."""
+def register(kind: str, name: str, *aliases: str, n_classes: int | None = None) -> Callable[[Callable], Callable]:
+    """Register ``builder`` under ``kind``/``name`` (and optional aliases); ``n_classes``: a
+    benchmark's fixed class count, which lets a recipe's split be checked without building it."""
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; expected one of {KINDS}")
 
@@ -129,6 +140,7 @@ def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callab
             doc.splitlines()[0] if doc else "",
             _signature_fields(kind, name, builder),
             builder,
+            n_classes,
         )
         for key in (name, *aliases):
             existing = _REGISTRY[kind].get(key)

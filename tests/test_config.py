@@ -36,6 +36,10 @@ def test_defaults_are_filled_and_name_comes_from_file(tmp_path, tiny_recipe_data
         (lambda d: d.update(evaluation={"metrics": ["acc"]}), "evaluation.metrics[0].name: unknown metric 'acc'"),
         (lambda d: d.update(seed=True), "seed: Input should be a valid integer"),
         (
+            lambda d: d["benchmark"]["options"].update(first_exp_classes=12),
+            "benchmark.options: 10 classes cannot be split into a first experience of 12",
+        ),
+        (
             lambda d: d["strategy"]["optimizer"].update(name="adam", momentum=0.5),
             "momentum and nesterov apply to sgd only",
         ),

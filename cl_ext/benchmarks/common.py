@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from cl_ext.context import BenchmarkBundle, BenchmarkInfo
 from cl_ext.data import with_sample_ids
 from cl_ext.errors import RecipeError
+from cl_ext.splits import split_sizes
 
 
 class ArrayDataset(Dataset):
@@ -84,17 +85,6 @@ def resolve_class_order(class_order: str | list[int], n_classes: int, seed: int)
             f"benchmark.options.class_order: must be a permutation of 0..{n_classes - 1} (got {len(order)} entries)"
         )
     return order
-
-
-def split_sizes(n_classes: int, first_exp_classes: int | None, classes_per_exp: int) -> list[int]:
-    first = classes_per_exp if first_exp_classes is None else first_exp_classes
-    rest = n_classes - first
-    if first < 1 or classes_per_exp < 1 or rest < 0 or rest % classes_per_exp:
-        raise RecipeError(
-            f"benchmark.options: {n_classes} classes cannot be split into a first experience of {first} "
-            f"and further experiences of {classes_per_exp} classes each"
-        )
-    return [first] + [classes_per_exp] * (rest // classes_per_exp)
 
 
 def cap_per_class(y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:

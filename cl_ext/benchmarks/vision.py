@@ -167,7 +167,7 @@ def _arrays_bundle(
     )
 
 
-@register("benchmark", "digits")
+@register("benchmark", "digits", n_classes=10)
 def build_digits(
     ctx: BuildContext,
     first_exp_classes: FirstClasses = None,
@@ -298,7 +298,7 @@ def _register_torchvision() -> None:
     from torchvision import datasets
 
     specs = [
-        ("split_mnist", datasets.MNIST, "mnist.npz", MNIST_STATS, "none", "MNIST in class-incremental splits"),
+        ("split_mnist", datasets.MNIST, "mnist.npz", MNIST_STATS, "none", "MNIST in class-incremental splits", 10),
         (
             "split_cifar10",
             datasets.CIFAR10,
@@ -306,6 +306,7 @@ def _register_torchvision() -> None:
             CIFAR10_STATS,
             "cifar",
             "CIFAR-10 in class-incremental splits",
+            10,
         ),
         (
             "split_cifar100",
@@ -314,12 +315,13 @@ def _register_torchvision() -> None:
             CIFAR100_STATS,
             "cifar",
             "CIFAR-100 in class-incremental splits",
+            100,
         ),
     ]
-    for name, cls, npz_name, stats, augment, summary in specs:
+    for name, cls, npz_name, stats, augment, summary, n_classes in specs:
         builder = _torchvision_benchmark(name, cls, npz_name, stats, augment)
         builder.__doc__ = f"{summary}; reads ROOT/{npz_name} if present, else torchvision's files under ROOT."
-        register("benchmark", name)(builder)
+        register("benchmark", name, n_classes=n_classes)(builder)
 
 
 _register_torchvision()
