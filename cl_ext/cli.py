@@ -327,6 +327,8 @@ def validate(
     except CLExtError as err:
         _fail(str(err))
     console.print(f"# {recipe}: valid", style="green")
+    for note in parsed.notes():
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     console.print(yaml.safe_dump(recipe_to_dict(parsed), sort_keys=False), highlight=False, markup=False)
 
 

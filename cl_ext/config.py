@@ -168,6 +168,18 @@ class Recipe(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    def notes(self) -> list[str]:
+        """What is valid but probably not meant; `validate` prints it, a run logs it as a warning."""
+        schedule, epochs = self.strategy.lr_schedule, self.strategy.epochs
+        late = [m for m in schedule.milestones if m >= epochs]
+        if schedule.name == "multistep" and late:
+            # An error would refuse every quick run that shortens a recipe's epochs.
+            return [
+                f"strategy.lr_schedule.milestones {late} are at or beyond strategy.epochs ({epochs}): "
+                "the learning rate never changes at them"
+            ]
+        return []
+
     def method_label(self) -> str:
         """The method a run is named by in metrics.json, reports and W&B tags: ``replay+ucir``."""
         return "+".join([self.strategy.name] + [p.name for p in self.plugins])

@@ -17,6 +17,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -46,6 +47,8 @@ from cl_ext.training import NonFiniteLossGuard
 
 CHECKPOINT = "checkpoint.pt"
 EPOCH_CHECKPOINT = "checkpoint-epoch.pt"  # inside an experience; removed when the experience ends
+log = logging.getLogger("cl_ext.runner")
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -326,11 +329,8 @@ def _atomic_write(path: Path, text: str) -> None:
     _replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def metrics_json(metrics: dict[str, Any]) -> str:
-    """``metrics.json``'s text, strict JSON: Python writes NaN and infinities as bare ``NaN`` and
-    ``Infinity``, which strict parsers (browsers, ``jq``, most languages) reject. Each such value is
-    written as ``null`` and its dotted path listed under ``non_finite``, so a reader can tell a
-    diverged statistic from a missing one."""
+def without_non_finite(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``metrics`` with each NaN or infinite number replaced by ``None``, and their dotted paths."""
     paths: list[str] = []
 
     def finite(value: Any, path: str) -> Any:
@@ -343,10 +343,22 @@ def metrics_json(metrics: dict[str, Any]) -> str:
             return [finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
         return value
 
-    cleaned = finite(metrics, "")
+    return finite(metrics, ""), paths
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """``metrics.json``'s text, strict JSON: Python writes NaN and infinities as bare ``NaN`` and
+    ``Infinity``, which strict parsers (browsers, ``jq``, most languages) reject. Each such value is
+    written as ``null`` and its dotted path listed under ``non_finite``, so a reader can tell a
+    diverged statistic from a missing one."""
+    cleaned, paths = without_non_finite(metrics)
     if paths:
         cleaned["non_finite"] = paths
     return json.dumps(cleaned, indent=2, allow_nan=False)
+
+
+class NonFiniteResult(CLExtError):
+    """A result or a plugin's statistic became NaN or infinite: later steps would build on it."""
 
 
 @functools.cache
@@ -659,6 +671,8 @@ def run_experiment(
     """
     recipe, ctx = exp.recipe, exp.ctx
     ctx.run_dir = run_dir
+    for note in recipe.notes():
+        log.warning(note)
     environment = environment_info(ctx.device, recipe.seed)
     if exp.completed or exp.checkpoint is not None:
         previous = json.loads((run_dir / "environment.json").read_text())
@@ -702,6 +716,13 @@ def run_experiment(
             metrics = collect_metrics(exp, wall_times, finished=False)
             _atomic_write(run_dir / "metrics.json", metrics_json(metrics))
             _atomic_write(run_dir / "steps.csv", steps_csv(metrics))
+            bad = without_non_finite(metrics)[1]
+            if bad:
+                raise NonFiniteResult(
+                    f"after experience {t + 1}, {len(bad)} result(s) are NaN or infinite ({', '.join(bad[:5])}): "
+                    "something diverged, so the run stops here; metrics.json has the results so far, those "
+                    "values written as null"
+                )
             if recipe.output.checkpoint:
                 save_checkpoint(exp, run_dir, wall_times)
             if on_step is not None:

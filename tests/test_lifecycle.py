@@ -268,3 +268,29 @@ def test_dataloader_options_reach_avalanche_and_leave_results_alone(tmp_path, ti
     assert workers["seen_accuracy"] == plain["seen_accuracy"]
     weights = torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]["weights"]
     assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+
+
+def test_a_non_finite_plugin_statistic_stops_the_run_after_writing_strict_json(tmp_path, tiny_recipe_data, monkeypatch):
+    from cl_ext.memory import ExemplarMemoryPlugin
+    from cl_ext.runner import NonFiniteResult
+
+    monkeypatch.setattr(ExemplarMemoryPlugin, "summary", lambda self: {"spread": float("nan")}, raising=False)
+    tiny_recipe_data["output"]["dir"] = str(tmp_path)
+    recipe = validate_recipe(tiny_recipe_data)
+    run_dir = new_run_dir(recipe)
+    with pytest.raises(
+        NonFiniteResult, match=r"after experience 1, 1 result\(s\) are NaN or infinite \(plugins.memory.spread\)"
+    ):
+        run_experiment(build_experiment(recipe), run_dir)
+    saved = json.loads((run_dir / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert saved["completed_experiences"] == 1 and not saved["finished"]
+    assert saved["plugins"]["memory"]["spread"] is None and saved["non_finite"] == ["plugins.memory.spread"]
+
+
+def test_milestones_the_run_never_reaches_are_noted_not_refused(tiny_recipe_data):
+    tiny_recipe_data["strategy"]["lr_schedule"] = {"name": "multistep", "milestones": [2, 4, 9]}
+    assert validate_recipe(tiny_recipe_data).notes() == [
+        "strategy.lr_schedule.milestones [4, 9] are at or beyond strategy.epochs (4): the learning rate never changes at them"
+    ]
+    tiny_recipe_data["strategy"]["lr_schedule"]["milestones"] = [2, 3]
+    assert validate_recipe(tiny_recipe_data).notes() == []
