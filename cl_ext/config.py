@@ -20,8 +20,9 @@ from cl_ext.splits import split_sizes
 
 
 class _Strict(BaseModel):
-    # strict: no silent conversions (``batch_size: true`` would otherwise be 1, ``seed: "3"`` 3).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # strict: no silent conversions (``batch_size: true`` would otherwise be 1, ``seed: "3"`` 3); no
+    # NaN or infinite numbers (``lr: .inf`` would train to NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class Component(_Strict):

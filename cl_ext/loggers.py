@@ -14,11 +14,12 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import torch
 from avalanche.logging import BaseLogger, InteractiveLogger, TextLogger
+from pydantic import Field
 
 from cl_ext.config import recipe_to_dict
 from cl_ext.context import BuildContext
@@ -62,7 +63,10 @@ class RunDirTextLogger(TextLogger):
 
 
 @register("logger", "text")
-def build_text_logger(ctx: BuildContext, filename: str = "avalanche_log.txt") -> TextLogger:
+def build_text_logger(
+    ctx: BuildContext,
+    filename: Annotated[str, Field(description="file name inside the run folder")] = "avalanche_log.txt",
+) -> TextLogger:
     """Avalanche's text log of every metric value, written into the run directory."""
     if Path(filename).name != filename or filename in {"", ".", ".."}:
         raise RecipeError(
@@ -377,14 +381,17 @@ def _wandb_login_found() -> bool:
 @register("logger", "wandb")
 def build_wandb_logger(
     ctx: BuildContext,
-    project: str = "cl-ext",
-    entity: str | None = None,
-    name: str | None = None,
-    tags: list[str] = [],
-    group: str | None = None,
-    notes: str | None = None,
-    mode: Literal["offline", "online", "disabled"] | None = None,
-    log_artifact: bool = True,
+    project: Annotated[str, Field(description="W&B project")] = "cl-ext",
+    entity: Annotated[str | None, Field(description="W&B team or user (null: your default)")] = None,
+    name: Annotated[str | None, Field(description="run name (null: output.name)")] = None,
+    tags: Annotated[list[str], Field(description="tags added to the method and benchmark names")] = [],
+    group: Annotated[str | None, Field(description="W&B group, e.g. one per sweep")] = None,
+    notes: Annotated[str | None, Field(description="free text shown with the run")] = None,
+    mode: Annotated[
+        Literal["offline", "online", "disabled"] | None,
+        Field(description="null: WANDB_MODE, else offline (upload later with cl-ext sync); online needs a login"),
+    ] = None,
+    log_artifact: Annotated[bool, Field(description="upload the run folder as an artifact at the end")] = True,
 ) -> WandbLogger:
     """Weights & Biases: per-step metrics, accuracy matrix, charts, run files (offline unless mode/WANDB_MODE)."""
     recipe = ctx.recipe

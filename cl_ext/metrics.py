@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.logging import BaseLogger
 from avalanche.training.plugins import EvaluationPlugin
+from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
@@ -306,7 +307,12 @@ def build_incremental_accuracy(ctx: BuildContext) -> IncrementalAccuracy:
 
 
 @register("metric", "nme_accuracy")
-def build_nme_accuracy(ctx: BuildContext, flip: bool = False) -> NMEAccuracy:
+def build_nme_accuracy(
+    ctx: BuildContext,
+    flip: Annotated[
+        bool, Field(description="class means average each exemplar's features with its mirror image's (iCaRL's code)")
+    ] = False,
+) -> NMEAccuracy:
     """The same metrics for the nearest-mean-of-exemplars classifier; needs strategy.memory.
 
     flip: class means average each exemplar's features with its horizontal mirror's (iCaRL's

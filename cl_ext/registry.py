@@ -70,7 +70,7 @@ class Entry:
         # Built on first use: pydantic takes milliseconds a model, and a recipe needs few of them.
         return create_model(
             f"{self.kind.title()}_{self.name}_options",
-            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
             **self.fields,
         )
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,15 @@ def test_option_bounds_and_descriptions_survive_the_catalog_and_show_in_list():
         digits.options_model.model_validate({"test_fraction": 1.5})
     output = " ".join(CliRunner().invoke(app, ["list", "digits"], env={"COLUMNS": "250"}).output.split())
     assert "test_fraction │ float │ 0.3 │ > 0 and < 1 │ share of each class held out as the test set" in output
+
+
+def test_every_built_in_option_says_what_it_means():
+    data = json.loads(catalog.PATH.read_text())["entries"]
+    missing = [
+        f"{kind} {e['name']}: {option}"
+        for kind, entries in data.items()
+        for e in entries
+        for option, spec in e["options"].items()
+        if not spec.get("description")
+    ]
+    assert not missing, "options without a description (Annotated[T, Field(description=...)]):\n" + "\n".join(missing)

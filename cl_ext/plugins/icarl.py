@@ -26,12 +26,13 @@ loss; there is no cross-entropy beside it) and puts the original back afterwards
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import avalanche_forward
+from pydantic import Field
 from torch import nn
 
 from cl_ext.context import BuildContext
@@ -125,7 +126,15 @@ class ICaRLPlugin(SupervisedPlugin):
 
 
 @register("plugin", "icarl")
-def build_icarl(ctx: BuildContext, all_class_units: bool = True) -> ICaRLPlugin:
+def build_icarl(
+    ctx: BuildContext,
+    all_class_units: Annotated[
+        bool,
+        Field(
+            description="one sigmoid unit per class of the benchmark from the start (the authors' code); false: a growing head"
+        ),
+    ] = True,
+) -> ICaRLPlugin:
     """iCaRL (Rebuffi et al. 2017): sigmoid cross-entropy with distillation; needs strategy.memory (herding).
 
     all_class_units: the head has one unit per class of the benchmark from the start and the
