@@ -43,7 +43,7 @@ class OptimizerConfig(_Strict):
     def _sgd_only(self) -> OptimizerConfig:
         # Adam would ignore both without a word. The default momentum passes: a resolved recipe
         # (every default written out) must load again.
-        if self.name != "sgd" and (self.nesterov or self.momentum != 0.9):
+        if self.name != "sgd" and (self.nesterov or self.momentum != type(self).model_fields["momentum"].default):
             raise ValueError(f"momentum and nesterov apply to sgd only ({self.name} has its own betas)")
         return self
 

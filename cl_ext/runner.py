@@ -329,8 +329,13 @@ def _atomic_write(path: Path, text: str) -> None:
     _replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def without_non_finite(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``metrics`` with each NaN or infinite number replaced by ``None``, and their dotted paths."""
+def metrics_json(metrics: dict[str, Any]) -> tuple[str, list[str]]:
+    """``metrics.json``'s text, and the dotted paths of its NaN or infinite values.
+
+    Strict JSON: Python writes NaN and infinities as bare ``NaN`` and ``Infinity``, which strict
+    parsers (browsers, ``jq``, most languages) reject. Each such value is written as ``null`` and
+    its dotted path listed under ``non_finite``, so a reader can tell a diverged statistic from a
+    missing one."""
     paths: list[str] = []
 
     def finite(value: Any, path: str) -> Any:
@@ -343,18 +348,10 @@ def without_non_finite(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[st
             return [finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
         return value
 
-    return finite(metrics, ""), paths
-
-
-def metrics_json(metrics: dict[str, Any]) -> str:
-    """``metrics.json``'s text, strict JSON: Python writes NaN and infinities as bare ``NaN`` and
-    ``Infinity``, which strict parsers (browsers, ``jq``, most languages) reject. Each such value is
-    written as ``null`` and its dotted path listed under ``non_finite``, so a reader can tell a
-    diverged statistic from a missing one."""
-    cleaned, paths = without_non_finite(metrics)
+    cleaned = finite(metrics, "")
     if paths:
         cleaned["non_finite"] = paths
-    return json.dumps(cleaned, indent=2, allow_nan=False)
+    return json.dumps(cleaned, indent=2, allow_nan=False), paths
 
 
 class NonFiniteResult(CLExtError):
@@ -714,9 +711,9 @@ def run_experiment(
             wall_times.append(time.perf_counter() - started + already)
             exp.checkpoint = None
             metrics = collect_metrics(exp, wall_times, finished=False)
-            _atomic_write(run_dir / "metrics.json", metrics_json(metrics))
+            text, bad = metrics_json(metrics)
+            _atomic_write(run_dir / "metrics.json", text)
             _atomic_write(run_dir / "steps.csv", steps_csv(metrics))
-            bad = without_non_finite(metrics)[1]
             if bad:
                 raise NonFiniteResult(
                     f"after experience {t + 1}, {len(bad)} result(s) are NaN or infinite ({', '.join(bad[:5])}): "
@@ -731,5 +728,5 @@ def run_experiment(
     finally:
         if wall_times:
             metrics = collect_metrics(exp, wall_times, finished=finished)
-            _atomic_write(run_dir / "metrics.json", metrics_json(metrics))
+            _atomic_write(run_dir / "metrics.json", metrics_json(metrics)[0])
     return metrics

@@ -281,7 +281,7 @@ def test_metrics_json_is_strict_and_lists_what_was_not_finite(tmp_path):
     from cl_ext.runner import metrics_json
 
     metrics = {"forgetting": float("nan"), "plugins": {"bic": {"alpha": [1.0, float("inf")]}}, "seen_accuracy": [0.5]}
-    text = metrics_json(metrics)
+    text, paths = metrics_json(metrics)
     parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.json"))
     assert parsed == {
         "forgetting": None,
@@ -289,6 +289,7 @@ def test_metrics_json_is_strict_and_lists_what_was_not_finite(tmp_path):
         "seen_accuracy": [0.5],
         "non_finite": ["forgetting", "plugins.bic.alpha[1]"],
     }
+    assert paths == parsed["non_finite"]
     assert metrics["forgetting"] != metrics["forgetting"]  # the caller's dict is left as it was
     run = make_run(tmp_path, "diverged", non_finite=parsed["non_finite"])
     text = rp.report_for_dirs([run]).sections[0].blocks[0].text

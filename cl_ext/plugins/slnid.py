@@ -131,6 +131,11 @@ def activation_sparsity(h: torch.Tensor, threshold: float = 1e-3) -> dict[str, f
 
 
 # -- the plugin ---------------------------------------------------------------------------
+def layer_keys(name: str, module: nn.Module) -> set[str]:
+    """What a ``layers`` entry may say to choose ``module``: its name in the model, or its class name."""
+    return {name, type(module).__name__}
+
+
 class SLNIDPlugin(SupervisedPlugin):
     """Adds ``lambda_ssl * R`` (summed over the chosen layers) to the training loss.
 
@@ -170,7 +175,7 @@ class SLNIDPlugin(SupervisedPlugin):
         if self.layers is None:
             chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
         else:
-            chosen = {n: m for n, m in model.named_modules() if n in self.layers or type(m).__name__ in self.layers}
+            chosen = {n: m for n, m in model.named_modules() if not layer_keys(n, m).isdisjoint(self.layers)}
         if not chosen:
             wanted = "nn.ReLU modules" if self.layers is None else f"modules named or typed {self.layers}"
             names = ", ".join(f"{n} ({type(m).__name__})" for n, m in list(model.named_modules())[1:12])
@@ -343,7 +348,7 @@ def build_slnid(
     """SLNID sparsity regulariser (Aljundi et al., ICLR 2019); pair it with MAS or EWC."""
     if layers is not None and ctx.model is not None:
         # Known now, before a run folder exists; the plugin itself would only find out in training.
-        names = {n for n, _ in ctx.model.named_modules()} | {type(m).__name__ for m in ctx.model.modules()}
+        names = set().union(*(layer_keys(n, m) for n, m in ctx.model.named_modules()))
         unknown = [layer for layer in layers if layer not in names]
         if unknown:
             raise RecipeError(
