@@ -275,6 +275,8 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
         "seen_accuracy",
         "old_accuracy",
         "new_accuracy",
+        "base_accuracy",
+        "novel_accuracy",
         "new_prediction_share",
         "forgetting",
         "nme_seen_accuracy",

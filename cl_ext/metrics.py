@@ -6,12 +6,16 @@ seen so far. From the per-experience counts come (see docs/metrics.md for the fo
 - ``accuracy_matrix[t][j]``: accuracy on test experience j after step t (None for j > t);
 - ``seen_accuracy[t]``: accuracy over all test samples of the classes seen so far;
 - ``old_accuracy[t]`` / ``new_accuracy[t]``: the same on experiences before t / on experience t;
+- ``base_accuracy[t]`` / ``novel_accuracy[t]``: the same on the first experience (the base
+  classes) / on experiences 1..t pooled (the classes learned incrementally), as FSCIL papers
+  report them;
 - ``new_prediction_share[t]``: share of predictions falling in step t's classes (the bias
   towards new classes that BiC and IL2M correct);
 - ``average_incremental_accuracy``: mean of seen_accuracy over all steps (Rebuffi et al.
   2017; Hou et al. 2019), and ``..._excl_first`` without the first, base step;
 - ``final_average_accuracy``: mean of the last row of the matrix; ``forgetting``: mean drop
-  from the best earlier accuracy (Chaudhry et al. 2018).
+  from the best earlier accuracy (Chaudhry et al. 2018); ``performance_drop``: seen
+  accuracy after the first step minus after the last (the FSCIL papers' "PD").
 
 Used in users' own scripts, add ``IncrementalAccuracy()`` to an ``EvaluationPlugin`` and
 evaluate on ``test_stream[: t + 1]`` after each training experience.
@@ -84,6 +88,13 @@ def average_incremental_accuracy(seen_accuracy: Sequence[float], include_first: 
     return float(np.mean(values)) if values else None
 
 
+def pooled_accuracy(row: dict[int, _Counts], experiences) -> float | None:
+    """Accuracy over the test samples of the given experiences together (None if they hold none)."""
+    rows = [row[j] for j in experiences if j in row]
+    total = sum(c.total for c in rows)
+    return sum(c.correct for c in rows) / total if total else None
+
+
 def final_average_accuracy(matrix: Matrix) -> float | None:
     if not matrix:
         return None
@@ -116,7 +127,7 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
     n_steps = len(counts)
     width = max((max(row) + 1 for row in counts if row), default=0)
     matrix: list[list[float | None]] = []
-    seen, old, new, share = [], [], [], []
+    seen, old, new, share, base, novel = [], [], [], [], [], []
     for t, row in enumerate(counts):
         matrix.append(
             [
@@ -132,12 +143,16 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
         old.append(sum(c.correct for c in old_rows) / old_total if old_total else None)
         new.append(matrix[t][t] if t < len(matrix[t]) else None)
         share.append(sum(c.predicted_newest for c in seen_rows) / total if (total and newest_classes_known) else None)
+        base.append(pooled_accuracy(row, [0]))
+        novel.append(pooled_accuracy(row, range(1, t + 1)))
     seen_values = [s for s in seen if s is not None]
     return {
         "accuracy_matrix": matrix,
         "seen_accuracy": seen,
         "old_accuracy": old,
         "new_accuracy": new,
+        "base_accuracy": base,
+        "novel_accuracy": novel,
         "new_prediction_share": share,
         "forgetting_per_step": [forgetting_at(matrix, t) for t in range(n_steps)],
         "average_incremental_accuracy": average_incremental_accuracy(seen_values),
@@ -145,6 +160,7 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
         "final_average_accuracy": final_average_accuracy(matrix),
         "final_accuracy": seen[-1] if seen else None,
         "forgetting": forgetting_at(matrix, n_steps - 1) if n_steps else None,
+        "performance_drop": seen[0] - seen[-1] if len(seen) > 1 and None not in (seen[0], seen[-1]) else None,
     }
 
 
@@ -220,6 +236,8 @@ class IncrementalAccuracy(PluginMetric[dict]):
             "seen_accuracy": summary["seen_accuracy"][self.step],
             "old_accuracy": summary["old_accuracy"][self.step],
             "new_accuracy": summary["new_accuracy"][self.step],
+            "base_accuracy": summary["base_accuracy"][self.step],
+            "novel_accuracy": summary["novel_accuracy"][self.step],
             "new_prediction_share": summary["new_prediction_share"][self.step],
             "forgetting": summary["forgetting_per_step"][self.step],
             "average_incremental_accuracy": summary["average_incremental_accuracy"],

@@ -54,6 +54,7 @@ HEADLINE = [
     ("final_accuracy", "final accuracy on all classes (%)", "pct"),
     ("final_average_accuracy", "final average accuracy over experiences (%)", "pct"),
     ("forgetting", "forgetting (percentage points)", "pp"),
+    ("performance_drop", "performance drop, first step minus last (percentage points)", "pp"),
 ]
 
 
@@ -555,6 +556,8 @@ def step_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "seen_accuracy": at(metrics, "seen_accuracy"),
                 "old_accuracy": at(metrics, "old_accuracy"),
                 "new_accuracy": at(metrics, "new_accuracy"),
+                "base_accuracy": at(metrics, "base_accuracy"),
+                "novel_accuracy": at(metrics, "novel_accuracy"),
                 "new_prediction_share": at(metrics, "new_prediction_share"),
                 "forgetting": at(metrics, "forgetting_per_step"),
                 "nme_seen_accuracy": at(nme, "seen_accuracy"),
@@ -566,7 +569,10 @@ def step_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def steps_table(run: RunData) -> Table:
     with_nme = run.nme is not None
+    # Few-shot runs (FSCIL) are read as base vs novel classes, as their papers report them.
+    few_shot = run.metrics["benchmark"].get("shots") is not None
     columns = ["step", "classes", "seen (%)", "old (%)", "new (%)", "predicted new (%)", "forgetting (points)"]
+    columns += ["base (%)", "novel (%)"] if few_shot else []
     columns += ["NME seen (%)"] if with_nme else []
     columns += ["time"]
     rows = []
@@ -580,6 +586,7 @@ def steps_table(run: RunData) -> Table:
             fmt_pct(r["new_prediction_share"], 1),
             fmt_pct(r["forgetting"]),
         ]
+        row += [fmt_pct(r["base_accuracy"]), fmt_pct(r["novel_accuracy"])] if few_shot else []
         row += [fmt_pct(r["nme_seen_accuracy"])] if with_nme else []
         rows.append(row + [fmt_duration(r["wall_time_s"])])
     return Table(columns, rows, caption="After each training step, on the test data of all classes seen so far")

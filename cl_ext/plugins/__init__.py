@@ -6,6 +6,7 @@ from cl_ext.plugins.eeil import EEILPlugin
 from cl_ext.plugins.icarl import ICaRLPlugin
 from cl_ext.plugins.il2m import IL2MPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
+from cl_ext.plugins.prototype import PrototypePlugin
 from cl_ext.plugins.slnid import SLNIDPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
@@ -15,6 +16,7 @@ __all__ = [
     "ExemplarMemoryPlugin",
     "ICaRLPlugin",
     "IL2MPlugin",
+    "PrototypePlugin",
     "SLNIDPlugin",
     "SummedMASPlugin",
     "UCIRPlugin",
