@@ -8,6 +8,7 @@ from cl_ext.plugins.il2m import IL2MPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.plugins.prototype import PrototypePlugin
 from cl_ext.plugins.slnid import SLNIDPlugin
+from cl_ext.plugins.topic import TOPICPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "PrototypePlugin",
     "SLNIDPlugin",
     "SummedMASPlugin",
+    "TOPICPlugin",
     "UCIRPlugin",
 ]

@@ -58,7 +58,11 @@ class PrototypePlugin(SupervisedPlugin):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         features, labels = extract_features(
-            self.model, strategy.experience.dataset, strategy.device, batch_size=self.batch_size, tensor=tensor_enabled(strategy)
+            self.model,
+            strategy.experience.dataset,
+            strategy.device,
+            batch_size=self.batch_size,
+            tensor=tensor_enabled(strategy),
         )
         classes, means = class_means(features, labels)
         self._add(means, classes)
