@@ -221,7 +221,7 @@ def build_digits(
         eval_transform=normalize,
         class_names=[str(i) for i in range(10)],
         shots=shots,
-        shot_seed=ctx.recipe.seed,
+        shot_seed=0 if shots is None else ctx.recipe.seed,  # builds without a recipe (users' scripts) draw no shots
         source_rows=torch.nonzero(~is_test).flatten(),
     )
 
