@@ -45,7 +45,7 @@ def digits_ctx(tiny_recipe_data):
     return ctx
 
 
-def few_shot_digits_recipe(plugin: dict, hidden: list[int], epochs: int, lr: float):
+def few_shot_digits_recipe(plugins: list[dict], hidden: list[int], epochs: int, lr: float):
     """Digits as few-shot class-incremental learning: 5 base classes, then 1-way 5-shot sessions."""
     return validate_recipe(
         {
@@ -57,7 +57,7 @@ def few_shot_digits_recipe(plugin: dict, hidden: list[int], epochs: int, lr: flo
             },
             "model": {"name": "mlp", "options": {"hidden": hidden}},
             "strategy": {"name": "naive", "epochs": epochs, "batch_size": 32, "optimizer": {"name": "sgd", "lr": lr}},
-            "plugins": [plugin],
+            "plugins": plugins,
             "output": {"report": False, "checkpoint": False},
         }
     )

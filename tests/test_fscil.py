@@ -11,6 +11,7 @@ from cl_ext.context import BuildContext
 from cl_ext.data import resolve
 from cl_ext.metrics import _Counts, summarize
 from cl_ext.plugins.nodes import NodeClassifier, class_means, class_scores, node_scores
+from cl_ext.runner import build_experiment
 
 N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 6, 12, 4
 
@@ -153,7 +154,7 @@ def test_mahalanobis_scores_and_best_node_per_class_by_hand():
 @pytest.fixture(scope="module")
 def prototype_run():
     plugin = {"name": "prototype", "options": {"metric": "euclidean"}}
-    return train_base_and_two_sessions(few_shot_digits_recipe(plugin, hidden=[32], epochs=3, lr=0.1))
+    return train_base_and_two_sessions(few_shot_digits_recipe([plugin], hidden=[32], epochs=3, lr=0.1))
 
 
 def test_prototype_baseline_freezes_the_network_and_stores_class_means(prototype_run):
@@ -174,3 +175,34 @@ def test_prototype_baseline_freezes_the_network_and_stores_class_means(prototype
             for c in classes:
                 assert torch.allclose(head.centroids[c], features[y == c].mean(0), atol=1e-5)
     assert (y >= 0).all() and len(stream.train_stream[2].dataset) == 5
+
+
+def final_accuracy(plugins: list[dict], seed: int) -> float:
+    """Accuracy on every digits test image after 5 base classes and five 1-way 5-shot sessions."""
+    recipe = few_shot_digits_recipe(plugins, hidden=[64, 64], epochs=10, lr=0.05)
+    recipe.seed = seed
+    exp = build_experiment(recipe)
+    stream = exp.ctx.benchmark.benchmark
+    for experience in stream.train_stream:
+        exp.strategy.train(experience)
+    model = exp.ctx.model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for experience in stream.test_stream:
+            data = experience.dataset.eval()
+            x = torch.stack([data[i][0] for i in range(len(data))])
+            y = torch.tensor([data[i][1] for i in range(len(data))])
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prototype_baseline_and_topic_beat_finetuning_on_the_last_session(seed):
+    # finetuning predicts only the newest digit (about 10 %); a frozen embedding keeps the base digits
+    finetune = final_accuracy([], seed)
+    prototype = final_accuracy([{"name": "prototype", "options": {}}], seed)
+    topic = final_accuracy([{"name": "topic", "options": {"nodes": 50, "frozen": ["backbone.layers.1"]}}], seed)
+    assert finetune < 0.2
+    assert prototype > finetune + 0.3 and topic > finetune + 0.3, (finetune, prototype, topic)

@@ -86,7 +86,7 @@ def test_losses_pull_and_push_the_right_way():
 
 def topic_recipe(**options):
     plugin = {"name": "topic", "options": {"nodes": 20, **options}}
-    return few_shot_digits_recipe(plugin, hidden=[32, 32], epochs=2, lr=0.05)
+    return few_shot_digits_recipe([plugin], hidden=[32, 32], epochs=2, lr=0.05)
 
 
 @pytest.fixture(scope="module")
