@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import few_shot_digits_recipe, train_base_and_two_sessions
+from conftest import TINY_RECIPE, few_shot_digits_recipe, train_base_and_two_sessions
 
+from cl_ext.config import validate_recipe
 from cl_ext.errors import RecipeError
 from cl_ext.plugins.topic import NeuralGas, anchor_loss, max_loss, min_loss, node_statistics
 from cl_ext.runner import build_experiment
@@ -144,3 +145,12 @@ def test_shipped_topic_recipe_trains_only_the_last_block_and_the_head():
     }
     assert {n.split(".")[0] + "." + n.split(".")[1] for n in trained} == {"backbone.stages", "classifier.head"}
     assert all(n.startswith(("backbone.stages.2.4.", "classifier.")) for n in trained)
+
+
+def test_topic_refuses_an_exemplar_memory():
+    recipe = topic_recipe()
+    recipe.strategy.memory = validate_recipe(
+        {**TINY_RECIPE, "strategy": {**TINY_RECIPE["strategy"], "memory": {"size": 40}}}
+    ).strategy.memory
+    with pytest.raises(RecipeError, match="keeps its own memory"):
+        build_experiment(recipe)

@@ -376,7 +376,8 @@ def build_topic(
         float, Field(gt=0, description="step size of the new nodes' centroids (authors' --ng-min-lr 0.1)")
     ] = 0.1,
     variance_floor: Annotated[
-        float, Field(gt=0, description="node variances are floored at this fraction of the mean variance")
+        float,
+        Field(gt=0, description="node variances are floored at this fraction of the mean variance (ours; paper: none)"),
     ] = 0.01,
     frozen: Annotated[
         list[str],
@@ -396,6 +397,12 @@ def build_topic(
         )
     if not callable(getattr(ctx.model, "features", None)):
         raise RecipeError("plugin 'topic' needs a cl-ext model (features and classifier)")
+    if ctx.memory is not None:
+        # Its min term reads each batch as the session's new classes only.
+        raise RecipeError(
+            "plugin 'topic' keeps its own memory (one anchor image per NG node): remove strategy.memory "
+            "(e.g. strategy.name: naive)"
+        )
     return TOPICPlugin(
         ctx.model,
         nodes=nodes,
