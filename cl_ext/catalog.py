@@ -83,6 +83,20 @@ def option_spec(tp: Any, default: Any) -> dict[str, Any]:
     return {"type": type_expr(tp)} | ({} if default is ... else {"default": repr(default)}) | spec
 
 
+OPTION_COLUMNS = ("option", "type", "default", "range", "meaning")
+_SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def option_rows(fields: Fields) -> list[tuple[str, str, str, str, str]]:
+    """One row of ``OPTION_COLUMNS`` per option, as ``cl-ext list NAME`` and the docs' tables show them."""
+    rows = []
+    for option, (tp, default) in fields.items():
+        spec = option_spec(tp, default)
+        shown = " and ".join(f"{_SYMBOLS[k]} {v}" for k, v in spec.get("range", {}).items()) or "-"
+        rows.append((option, spec["type"], spec.get("default", "(required)"), shown, spec.get("description", "-")))
+    return rows
+
+
 def type_expr(tp: Any) -> str:
     """``tp`` as an expression that evaluates to it from builtins, ``Any`` and ``Literal``."""
     if tp is None or tp is type(None):
@@ -109,9 +123,9 @@ def text() -> str:
     entries: dict[str, list[dict[str, Any]]] = {}
     for kind in registry.KINDS:
         entries[kind] = []
-        for entry in registry.entries(kind):
-            if not entry.loaded or not entry.module.startswith("cl_ext."):
-                continue  # registered by a test or a user, or removed from the code since the last catalog
+        for entry in registry.entries(kind, third_party=False):
+            if not entry.loaded:
+                continue  # removed from the code since the last catalog
             where = f"{kind} {entry.name!r} ({entry.module})"
             options = {}
             for option, (tp, default) in entry.fields.items():

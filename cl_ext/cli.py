@@ -440,6 +440,10 @@ def list_components(
 
     Example: cl-ext list ucir
     """
+    try:
+        registry.load_entry_points()
+    except CLExtError as err:
+        _fail(str(err))
     if name is not None:
         _list_options(name)
         return
@@ -452,7 +456,9 @@ def list_components(
             label = entry.name + (f" ({', '.join(sorted(entry.aliases))})" if entry.aliases else "")
             defaults = entry.option_defaults()
             options = ", ".join(f"{k}={defaults[k]!r}" if k in defaults else f"{k} (required)" for k in entry.fields)
-            table.add_row(label, entry.summary, options or "-")
+            if not entry.builtin:  # where a third-party entry comes from, under its name
+                label += f"\nfrom {entry.module}"
+            table.add_row(escape(label), escape(entry.summary), escape(options) or "-")
         console.print(table)
 
 
@@ -462,18 +468,11 @@ def _list_options(name: str) -> None:
         _fail(f"nothing is registered as {name!r}; cl-ext list shows every name")
     for entry in entries:
         table = Table(title=f"{entry.kind} {entry.name}: {entry.summary}", title_justify="left")
-        for column in ("option", "type", "default", "range", "meaning"):
+        for column in catalog.OPTION_COLUMNS:
             table.add_column(column, style="bold" if column == "option" else None)
-        for option, (tp, default) in entry.fields.items():
-            spec = catalog.option_spec(tp, default)
-            bounds = spec.get("range", {})
-            shown = " and ".join(f"{SYMBOLS[k]} {v}" for k, v in bounds.items()) or "-"
-            cells = (option, spec["type"], spec.get("default", "(required)"), shown, spec.get("description", "-"))
+        for cells in catalog.option_rows(entry.fields):
             table.add_row(*map(escape, cells))  # "list[int]" is text, not a rich style tag
         console.print(table)
-
-
-SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 THIRD_PARTY_WARNINGS = (

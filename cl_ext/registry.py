@@ -15,7 +15,16 @@ catalog (``cl_ext/catalog.py``): names, aliases, summary, option types and defau
 module that defines the builder, which is imported the first time the builder is needed
 (``build``, ``Entry.builder``). Importing it runs its ``@register`` calls, whose entries then
 take the catalog's place. A builder registered from any other module (a user's, a test's) is
-added beside the catalog's entries, under names of its own.
+added beside the catalog's entries, under names of its own: a name a built-in has is refused.
+
+Third-party modules register the same way, and are found in two places (docs/extending.md):
+
+- the ``cl_ext.plugins`` entry-point group of installed distributions: each entry point names a
+  module, whose ``@register`` calls may add entries of any kind. They are loaded the first time
+  the registry is asked for a name, so ``cl-ext list`` and ``validate`` know them (at the cost of
+  importing them);
+- a recipe's ``imports:`` list, modules imported (:func:`import_module`) before the recipe's
+  names are looked up.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, create_model
 
 from cl_ext import catalog
+from cl_ext.errors import RegistryError
 
 KINDS = ("benchmark", "model", "strategy", "plugin", "metric", "logger")
+ENTRY_POINT_GROUP = "cl_ext.plugins"
 
 # Modules whose import registers the built-in entries.
 _BUILTIN_MODULES = (
@@ -60,6 +71,10 @@ class Entry:
     @property
     def loaded(self) -> bool:
         return self.loaded_builder is not None
+
+    @property
+    def builtin(self) -> bool:
+        return self.module.startswith("cl_ext.")
 
     @property
     def builder(self) -> Callable[..., Any]:
@@ -151,7 +166,11 @@ def register(kind: str, name: str, *aliases: str, n_classes: int | None = None) 
                 or (not existing.loaded and existing.module == entry.module)
             )
             if not replaces:
-                raise ValueError(f"{kind} {key!r} is already registered")
+                owner = "cl-ext's built-in" if existing.builtin else "the one"
+                raise ValueError(
+                    f"{kind} {key!r} is already registered: {owner} from {existing.module}; "
+                    f"register {entry.module}'s under another name"
+                )
             _REGISTRY[kind][key] = entry
         return builder
 
@@ -164,13 +183,50 @@ def load_builtins() -> None:
         importlib.import_module(module)
 
 
+_entry_points_loaded = False
+
+
+def load_entry_points() -> None:
+    """Import the modules named in the ``cl_ext.plugins`` entry-point group (once per process).
+
+    One that fails to import, or registers a name that is taken, raises a :class:`RegistryError`
+    naming the entry point and its distribution, whenever the registry is asked: skipping it would
+    let a recipe that names its entries fail with "unknown plugin", far from the cause."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    # Set first: a module being loaded may itself ask the registry for a name.
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {point.name} = {point.value} (group {ENTRY_POINT_GROUP}"
+        where += f", distribution {point.dist.name} {point.dist.version})" if point.dist else ")"
+        try:
+            point.load()
+        except Exception as err:
+            _entry_points_loaded = False  # asked again, it fails again: never a registry with a gap
+            raise RegistryError(f"{where} failed to load: {type(err).__name__}: {err}") from err
+
+
+def import_module(name: str) -> None:
+    """Import a module that registers entries (a recipe's ``imports:``), after the entry points,
+    so that a clash between the two is blamed on the module imported last."""
+    load_entry_points()
+    importlib.import_module(name)
+
+
 def names(kind: str) -> list[str]:
+    load_entry_points()
     return sorted(_REGISTRY[kind])
 
 
-def entries(kind: str) -> list[Entry]:
-    """Each entry of ``kind`` once, in the order of its first name alphabetically."""
-    return list({id(entry): entry for entry in (_REGISTRY[kind][n] for n in names(kind))}.values())
+def entries(kind: str, third_party: bool = True) -> list[Entry]:
+    """Each entry of ``kind`` once, in the order of its first name alphabetically; with
+    ``third_party=False`` the built-in ones only, without loading any entry point."""
+    named = names(kind) if third_party else sorted(_REGISTRY[kind])
+    unique = {id(entry): entry for entry in (_REGISTRY[kind][n] for n in named)}.values()
+    return [entry for entry in unique if third_party or entry.builtin]
 
 
 # Names that meant something else before: a recipe still using one gets told where it went.
@@ -181,6 +237,7 @@ RENAMED = {
 
 
 def get(kind: str, name: str) -> Entry:
+    load_entry_points()
     try:
         return _REGISTRY[kind][name]
     except KeyError:
