@@ -29,6 +29,7 @@ COMPONENTS = (
     "cl_ext.errors",
     "cl_ext.randomness",
     "cl_ext.progress",
+    "cl_ext.losses",
 )
 RULES = [
     (COMPONENTS, ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.report", "cl_ext.loggers", "cl_ext.state")),
