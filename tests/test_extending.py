@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import isolate_registry_with
 from typer.testing import CliRunner
 
-from cl_ext import registry
 from cl_ext.cli import app
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "extending"
@@ -24,21 +24,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "extending"
 
 @pytest.fixture
 def site(tmp_path, monkeypatch, request):
-    """An empty folder on ``sys.path`` and a registry that forgets what is registered from it."""
+    """An empty folder on ``sys.path``; what registers from it is forgotten after the test."""
     folder = tmp_path / "site"
     folder.mkdir()
-    # Loaded first: a built-in module imported while the copy is in place would register only in the copy.
-    registry.load_builtins()
-    monkeypatch.setattr(registry, "_REGISTRY", {kind: dict(named) for kind, named in registry._REGISTRY.items()})
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    monkeypatch.syspath_prepend(folder)  # also clears importlib.metadata's caches
-
-    def forget_its_modules():
-        for name, module in list(sys.modules.items()):
-            if (getattr(module, "__file__", None) or "").startswith(str(folder)):
-                del sys.modules[name]
-
-    request.addfinalizer(forget_its_modules)
+    isolate_registry_with(folder, monkeypatch, request)
     return folder
 
 
