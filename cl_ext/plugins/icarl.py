@@ -148,7 +148,11 @@ def build_icarl(
         )
     if all_class_units:
         model = ctx.model
-        if model is None or not isinstance(getattr(model, "classifier", None), nn.Module) or not hasattr(model, "feature_dim"):
+        if (
+            model is None
+            or not isinstance(getattr(model, "classifier", None), nn.Module)
+            or not hasattr(model, "feature_dim")
+        ):
             raise RecipeError("plugin 'icarl' with all_class_units needs a cl-ext model (features and classifier)")
         # nn.Module.__getattr__ types any attribute Tensor | Module; a cl-ext model's feature_dim is an int.
         model.classifier = linear_head(cast(int, model.feature_dim), ctx.info.n_classes)
