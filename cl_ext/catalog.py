@@ -150,10 +150,11 @@ def type_expr(tp: Any) -> str:
         return f"Literal[{', '.join(map(repr, args))}]"
     if origin in (typing.Union, types.UnionType):
         return " | ".join(map(type_expr, args))
-    if origin is not None and _NAMES.get(origin.__name__) is origin:
-        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else type_expr(a) for a in args)}]"
-    if isinstance(tp, type) and _NAMES.get(tp.__name__) is tp:
-        return tp.__name__
+    # The names are bound first: mypy narrows ``x`` in ``_NAMES.get(...) is x`` to the dict's value type or None.
+    if origin is not None and _NAMES.get(name := origin.__name__) is origin:
+        return f"{name}[{', '.join('...' if a is Ellipsis else type_expr(a) for a in args)}]"
+    if isinstance(tp, type) and _NAMES.get(name := tp.__name__) is tp:
+        return name
     raise TypeError(f"{tp!r} is not made of builtins, Any and Literal")
 
 

@@ -11,7 +11,7 @@ import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import yaml
@@ -56,7 +56,7 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str, debug: bool = False, code: int = 1, label: str = "error") -> None:
+def _fail(message: str, debug: bool = False, code: int = 1, label: str = "error") -> NoReturn:
     """Print one error message (and, with --debug, the traceback of the exception being handled); exit."""
     if debug and sys.exc_info()[0] is not None:
         err_console.print_exception()
@@ -128,6 +128,7 @@ def run(
             if resume is not None:
                 experiment = resume_experiment(resume, overrides or [], recipe)
             else:
+                assert recipe is not None, "checked above: a recipe or --resume"
                 experiment = build_experiment(load_recipe(recipe, overrides or []))
     except CLExtError as err:
         message = str(err)

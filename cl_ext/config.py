@@ -129,9 +129,14 @@ class StrategyConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def _default_metrics() -> list[str | Component]:
+    # A function, not a lambda: mypy infers a lambda's list as list[str], not the field's type.
+    return ["incremental_accuracy"]
+
+
 class EvaluationConfig(_Strict):
     metrics: list[str | Component] = Field(
-        default_factory=lambda: ["incremental_accuracy"],
+        default_factory=_default_metrics,
         description="metric names, or {name, options} where a metric takes options "
         "(e.g. {name: nme_accuracy, options: {flip: true}})",
     )
@@ -199,7 +204,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _check_registered(recipe: Recipe, source: str) -> None:
-    checks: list[tuple[str, str, Component | None]] = [
+    checks: list[tuple[str, str, Component]] = [
         ("benchmark", "benchmark", recipe.benchmark),
         ("model", "model", recipe.model),
         ("strategy", "strategy", Component(name=recipe.strategy.name, options=recipe.strategy.options)),

@@ -78,15 +78,19 @@ class Entry:
 
     @property
     def builder(self) -> Callable[..., Any]:
-        return _loaded(self).loaded_builder
+        builder = _loaded(self).loaded_builder
+        assert builder is not None, "_loaded returns a loaded entry"
+        return builder
 
     @cached_property
     def options_model(self) -> type[BaseModel]:
         # Built on first use: pydantic takes milliseconds a model, and a recipe needs few of them.
+        # (Typed Any: as **kwargs, (type, default) pairs would be checked against create_model's named keywords.)
+        fields: dict[str, Any] = self.fields
         return create_model(
             f"{self.kind.title()}_{self.name}_options",
             __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
-            **self.fields,
+            **fields,
         )
 
     def option_defaults(self) -> dict[str, Any]:
@@ -251,4 +255,4 @@ def build(kind: str, name: str, ctx: Any, options: dict[str, Any] | None = None)
     """Validate ``options`` against the builder's signature and call it."""
     entry = _loaded(get(kind, name))
     validated = entry.options_model.model_validate(options or {})
-    return entry.loaded_builder(ctx, **{k: getattr(validated, k) for k in type(validated).model_fields})
+    return entry.builder(ctx, **{k: getattr(validated, k) for k in type(validated).model_fields})

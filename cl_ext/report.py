@@ -831,7 +831,8 @@ def _html_figure(figure: Figure) -> str:
 
 
 def _html_blocks(blocks: Sequence[Block]) -> str:
-    out, figures = [], []
+    out: list[str] = []
+    figures: list[str] = []
 
     def flush() -> None:
         if figures:

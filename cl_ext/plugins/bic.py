@@ -185,6 +185,10 @@ def fit_bias_correction(
 class BiasLayer(nn.Module):
     """The bias correction ``alpha * o + beta`` on one group of output units; the identity until :meth:`set`."""
 
+    # buffers (nn.Module.__getattr__ would type them Tensor | Module)
+    alpha: torch.Tensor
+    beta: torch.Tensor
+
     def __init__(self):
         super().__init__()
         self.register_buffer("alpha", torch.ones(()), persistent=False)
@@ -404,6 +408,7 @@ def build_bic(
             "plugin 'bic' needs strategy.memory: its validation set is carved out of the exemplar memory "
             "(e.g. strategy.name: replay, strategy.memory: {size: 2000, selection: herding})"
         )
+    assert ctx.model is not None, "the runner builds the model before the plugins"
     return BiCPlugin(
         ctx.model,
         ctx.memory,

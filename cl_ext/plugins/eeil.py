@@ -350,6 +350,7 @@ class EEILPlugin(SupervisedPlugin):
         self._old_exemplars = None
 
     def _balanced_finetuning(self, strategy) -> None:
+        assert self.finetune is not None, "after_training_exp fine-tunes only with a schedule"
         model, device = strategy.model, strategy.device
         data = balanced_dataset(
             self._old_exemplars,
