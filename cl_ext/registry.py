@@ -164,12 +164,10 @@ def register(kind: str, name: str, *aliases: str, n_classes: int | None = None) 
         for key in (name, *aliases):
             existing = _REGISTRY[kind].get(key)
             # The catalog's entry stands for its module's own registration, which replaces it.
-            replaces = (
-                existing is None
-                or existing.loaded_builder is builder
-                or (not existing.loaded and existing.module == entry.module)
+            replaces = existing is None or (
+                existing.loaded_builder is builder or (not existing.loaded and existing.module == entry.module)
             )
-            if not replaces:
+            if existing is not None and not replaces:
                 owner = "cl-ext's built-in" if existing.builtin else "the one"
                 raise ValueError(
                     f"{kind} {key!r} is already registered: {owner} from {existing.module}; "
