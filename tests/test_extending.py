@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import isolate_registry_with
 from typer.testing import CliRunner
@@ -88,6 +89,12 @@ def test_an_entry_point_adds_a_method_that_list_shows_and_a_recipe_runs(my_lab, 
     assert code == 0 and "name: logit_penalty options: weight: 0.25" in output, output
     # The hook ran before the backward pass of each of the two batches.
     assert run_and_read_summary(recipe(tmp_path)) == {"logit_penalty": {"penalised_batches": 2}}
+
+
+def test_the_example_loss_term_by_hand(my_lab):
+    from my_lab.methods import logit_penalty
+
+    assert logit_penalty(torch.tensor([[1.0, -2.0], [0.0, 3.0]])).item() == 3.5  # (1 + 4 + 0 + 9) / 4
 
 
 def test_a_recipe_imports_a_plain_module(site, tmp_path):
