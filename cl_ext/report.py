@@ -768,7 +768,11 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> Report:
 
 
 def report_for_dirs(paths: Sequence[str | Path], title: str | None = None) -> Report:
-    return build_report([load_run(p) for p in paths], title)
+    """A sweep directory, runs that repeat an experiment over seeds, or runs one by one."""
+    # Imported here: cl_ext.report_seeds builds on this module's blocks.
+    from cl_ext.report_seeds import report_for_paths
+
+    return report_for_paths(list(paths), title)
 
 
 # -- HTML -----------------------------------------------------------------------------------
