@@ -31,9 +31,9 @@ from cl_ext.report import (
     Section,
     Table,
     Text,
-    _accuracy_axis,
     _new_figure,
     build_report,
+    finish_classes_axis,
     fmt_duration,
     fmt_pct,
     label_runs,
@@ -192,31 +192,41 @@ def reference_lines(label: str, runs: list[RunData], matches: list[Match]) -> li
 
 
 def figure_mean_curves(groups: list[Group], matches: dict[str, list[Match]], title: str) -> MplFigure:
-    """Mean accuracy on the classes seen after each step, ±std shaded; the papers' curves dashed."""
+    """Mean accuracy on the classes seen after each step, ±std shaded; the papers' curves dashed.
+
+    A group matching an NME reference (iCaRL's) also shows its NME curve, the one the paper's
+    is compared with."""
     fig, ax = _new_figure(7.2, 4.2)
     plotted, ticks = [], set()
     for i, g in enumerate(groups):
-        mean, std = mean_curve([r.metrics["seen_accuracy"] for r in g.runs])
-        x = max((r.classes_seen for r in g.runs), key=len)[: len(mean)]
-        ticks.update(x)
-        y = np.array([np.nan if v is None else 100 * v for v in mean])
-        band = np.array([0.0 if v is None else 100 * v for v in std])
-        plotted.append(y)
-        aia = summarize(g.values("average_incremental_accuracy").values())
-        ax.plot(x, y, marker="o", color=f"C{i}", label=f"{g.label}, n={len(g.runs)} (avg. incr. {fmt_pct(aia.mean)}%)")
-        ax.fill_between(x, np.clip(y - band, 0, 100), np.clip(y + band, 0, 100), color=f"C{i}", alpha=0.2, linewidth=0)
-        for m in matches.get(g.label, []):
-            if m.reference.per_step:
-                ref = np.array(m.reference.per_step)
-                plotted.append(ref)
-                x_ref = np.cumsum(m.reference.protocol.split)
-                ax.plot(x_ref, ref, ls="--", color=f"C{i}", marker="x", label=f"paper: {m.reference.key}")
+        refs = [m.reference for m in matches.get(g.label, [])]
+        for classifier in ["cnn"] + (["nme"] if any(r.protocol.classifier == "nme" for r in refs) else []):
+            curves = [run_accuracy(r.metrics, classifier).get("seen_accuracy") or [] for r in g.runs]
+            mean, std = mean_curve(curves)
+            x = max((r.classes_seen for r in g.runs), key=len)[: len(mean)]
+            ticks.update(x)
+            y = np.array([np.nan if v is None else 100 * v for v in mean])
+            band = np.array([0.0 if v is None else 100 * v for v in std])
+            plotted.append(y)
+            aia = summarize(run_accuracy(r.metrics, classifier).get("average_incremental_accuracy") for r in g.runs)
+            name = g.label + (", NME" if classifier == "nme" else "")
+            ax.plot(
+                x,
+                y,
+                marker="o" if classifier == "cnn" else "s",
+                ls="-" if classifier == "cnn" else ":",
+                color=f"C{i}",
+                label=f"{name}, n={len(g.runs)} (avg. incr. {fmt_pct(aia.mean)}%)",
+            )
+            low, high = np.clip(y - band, 0, 100), np.clip(y + band, 0, 100)
+            ax.fill_between(x, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
+        for ref in refs:
+            if ref.per_step:
+                plotted.append(np.array(ref.per_step))
+                x_ref = np.cumsum(ref.protocol.split)
+                ax.plot(x_ref, ref.per_step, ls="--", color=f"C{i}", marker="x", label=f"paper: {ref.key}")
                 ticks.update(int(v) for v in x_ref)
-    _accuracy_axis(ax, plotted, "accuracy on all classes seen (%)")
-    ax.set_xticks(sorted(ticks))
-    ax.set_xlabel("number of classes learned")
-    ax.set_title(title)
-    ax.legend(fontsize="small", loc="lower left")
+    finish_classes_axis(ax, plotted, ticks, title)
     return fig
 
 
@@ -277,11 +287,24 @@ def seed_report(groups: list[Group], title: str, intro: str, left_out: list[list
 
 
 def reference_section(runs: list[RunData]) -> Section | None:
-    """For a run report: the gap to each paper whose protocol a run follows."""
-    lines = [line for r in runs for line in reference_lines(r.label, [r], match(r.metrics, r.recipe))]
+    """For a run report: the gap to each paper whose protocol a run follows, and the paper's
+    per-step curve beside the run's where the paper gives one."""
+    found = {r.label: match(r.metrics, r.recipe) for r in runs}
+    lines = [line for r in runs for line in reference_lines(r.label, [r], found[r.label])]
     if not lines:
         return None
-    return Section("Against the papers", "references", [Text(line) for line in lines], runs)
+    blocks: list[Block] = [Text(line) for line in lines]
+    drawn = [r for r in runs if any(m.reference.per_step for m in found[r.label])]
+    if drawn:
+        groups = [Group(r.method, {}, [r], r.label) for r in drawn]
+        blocks.append(
+            Figure(
+                "references-accuracy",
+                "accuracy per step against the papers",
+                partial(figure_mean_curves, groups, found, "accuracy after each step; dashed: the paper's"),
+            )
+        )
+    return Section("Against the papers", "references", blocks, runs)
 
 
 def report_for_paths(paths: list[str | Path], title: str | None = None) -> Report:

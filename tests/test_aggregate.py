@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cl_ext import references
 from cl_ext.aggregate import group_by_seed, mean_curve, paired, summarize
 from cl_ext.cli import app
-from cl_ext.report import ReportError, report_for_dirs, write_report
+from cl_ext.report import ReportError, Text, report_for_dirs, write_report
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -269,15 +269,40 @@ def test_a_group_that_follows_a_papers_protocol_gets_its_curve_and_gap(tmp_path,
         (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         dirs.append(run)
     report = report_for_dirs(dirs)
-    text = " ".join(b.text for s in report.sections for b in s.blocks if hasattr(b, "text") and isinstance(b.text, str))
+    text = " ".join(b.text for s in report.sections for b in s.blocks if isinstance(b, Text))
     # mean AIA 63.00 (the hand-computed summary) - 65.00 = -2.00 points
     assert "replay (mean of 3) 63.00% − paper 65.00% = -2.00 points" in text
     assert "A Toy Paper" in text
-    # the single-run report prints the same gap for one run: 60.00 - 65.00
+    # the single-run report prints the same gap for one run: 60.00 - 65.00, and draws the paper's curve
     single = report_for_dirs([dirs[0]])
-    assert any(
-        "replay 60.00% − paper 65.00% = -5.00 points" in b.text
-        for s in single.sections
-        for b in s.blocks
-        if s.anchor == "references"
-    )
+    (section,) = [s for s in single.sections if s.anchor == "references"]
+    assert "replay 60.00% − paper 65.00% = -5.00 points" in section.blocks[0].text
+    (drawn,) = [f for f in single.figures if f.name.startswith("references")]
+    assert drawn.name == "references-accuracy"
+    for figure in (drawn, report.figures[0]):
+        assert len(figure.png) > 5000
+    (tmp_path / "ref.png").write_bytes(report.figures[0].png)
+
+
+def test_an_nme_reference_is_compared_with_the_runs_nme_accuracy(tmp_path, monkeypatch):
+    toy = references.parse_file(TOY_REFERENCE.replace("classifier: cnn", "classifier: nme"), "toy.yaml")
+    monkeypatch.setattr(references, "load_references", lambda: toy)
+    monkeypatch.setitem(references.BENCHMARKS, "cifar100", "digits")
+    dirs = []
+    for s, nme_aia in enumerate([0.66, 0.70]):
+        run = write_run(tmp_path / f"r{s}", s, 0.1, [0.7, 0.6, 0.5], 1.0)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["nme"] = {"seen_accuracy": [0.8, 0.66, 0.52], "average_incremental_accuracy": nme_aia}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        recipe["strategy"]["memory"] = {"size": 100, "per_class": None}
+        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        dirs.append(run)
+    report = report_for_dirs(dirs)
+    text = " ".join(b.text for s in report.sections for b in s.blocks if isinstance(b, Text))
+    # NME: (66 + 70) / 2 = 68.00 - 65.00 = +3.00 points (the CNN head's 60.00 is not used)
+    assert "toy-digits (NME, average incremental accuracy including the first step)" in text
+    assert "replay (mean of 2) 68.00% − paper 65.00% = +3.00 points" in text
+    assert len(report.figures[0].png) > 5000
+    # without NME accuracy in the run, an NME reference does not match
+    assert references.match({**json.loads((dirs[0] / "metrics.json").read_text()), "nme": None}, recipe) == []
