@@ -257,19 +257,33 @@ references:
 """
 
 
-def test_a_group_that_follows_a_papers_protocol_gets_its_curve_and_gap(tmp_path, monkeypatch):
-    toy = references.parse_file(TOY_REFERENCE, "toy.yaml")
+def runs_of_the_toy_protocol(tmp_path, monkeypatch, curves, classifier="cnn", nme=None) -> list[Path]:
+    """Run folders of the toy reference's protocol (digits standing in for its dataset)."""
+    toy = references.parse_file(TOY_REFERENCE.replace("classifier: cnn", f"classifier: {classifier}"), "toy.yaml")
     monkeypatch.setattr(references, "load_references", lambda: toy)
     monkeypatch.setitem(references.BENCHMARKS, "cifar100", "digits")
     dirs = []
-    for s, seen in enumerate([[0.7, 0.6, 0.5], [0.72, 0.62, 0.52], [0.77, 0.67, 0.57]]):
+    for s, seen in enumerate(curves):
         run = write_run(tmp_path / f"r{s}", s, 0.1, seen, 1.0)
+        if nme:
+            metrics = json.loads((run / "metrics.json").read_text())
+            metrics["nme"] = nme[s]
+            (run / "metrics.json").write_text(json.dumps(metrics))
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         recipe["strategy"]["memory"] = {"size": 100, "per_class": None}
         (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         dirs.append(run)
+    return dirs
+
+
+def report_text(report) -> str:
+    return " ".join(b.text for s in report.sections for b in s.blocks if isinstance(b, Text))
+
+
+def test_a_group_that_follows_a_papers_protocol_gets_its_curve_and_gap(tmp_path, monkeypatch):
+    dirs = runs_of_the_toy_protocol(tmp_path, monkeypatch, [[0.7, 0.6, 0.5], [0.72, 0.62, 0.52], [0.77, 0.67, 0.57]])
     report = report_for_dirs(dirs)
-    text = " ".join(b.text for s in report.sections for b in s.blocks if isinstance(b, Text))
+    text = report_text(report)
     # mean AIA 63.00 (the hand-computed summary) - 65.00 = -2.00 points
     assert "replay (mean of 3) 63.00% − paper 65.00% = -2.00 points" in text
     assert "A Toy Paper" in text
@@ -281,28 +295,18 @@ def test_a_group_that_follows_a_papers_protocol_gets_its_curve_and_gap(tmp_path,
     assert drawn.name == "references-accuracy"
     for figure in (drawn, report.figures[0]):
         assert len(figure.png) > 5000
-    (tmp_path / "ref.png").write_bytes(report.figures[0].png)
 
 
 def test_an_nme_reference_is_compared_with_the_runs_nme_accuracy(tmp_path, monkeypatch):
-    toy = references.parse_file(TOY_REFERENCE.replace("classifier: cnn", "classifier: nme"), "toy.yaml")
-    monkeypatch.setattr(references, "load_references", lambda: toy)
-    monkeypatch.setitem(references.BENCHMARKS, "cifar100", "digits")
-    dirs = []
-    for s, nme_aia in enumerate([0.66, 0.70]):
-        run = write_run(tmp_path / f"r{s}", s, 0.1, [0.7, 0.6, 0.5], 1.0)
-        metrics = json.loads((run / "metrics.json").read_text())
-        metrics["nme"] = {"seen_accuracy": [0.8, 0.66, 0.52], "average_incremental_accuracy": nme_aia}
-        (run / "metrics.json").write_text(json.dumps(metrics))
-        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-        recipe["strategy"]["memory"] = {"size": 100, "per_class": None}
-        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-        dirs.append(run)
+    nme = [{"seen_accuracy": [0.8, 0.66, 0.52], "average_incremental_accuracy": aia} for aia in (0.66, 0.70)]
+    dirs = runs_of_the_toy_protocol(tmp_path, monkeypatch, [[0.7, 0.6, 0.5]] * 2, "nme", nme)
     report = report_for_dirs(dirs)
-    text = " ".join(b.text for s in report.sections for b in s.blocks if isinstance(b, Text))
+    text = report_text(report)
     # NME: (66 + 70) / 2 = 68.00 - 65.00 = +3.00 points (the CNN head's 60.00 is not used)
     assert "toy-digits (NME, average incremental accuracy including the first step)" in text
     assert "replay (mean of 2) 68.00% − paper 65.00% = +3.00 points" in text
     assert len(report.figures[0].png) > 5000
     # without NME accuracy in the run, an NME reference does not match
-    assert references.match({**json.loads((dirs[0] / "metrics.json").read_text()), "nme": None}, recipe) == []
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    recipe = yaml.safe_load((dirs[0] / "recipe.yaml").read_text())
+    assert references.match({**metrics, "nme": None}, recipe) == []
