@@ -104,8 +104,14 @@ def test_protocol_step_count_includes_the_base_step():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ("per_step: [70.0, 60.0]", "references[0]: <root>: Value error, per_step has 2 values; the protocol has 3"),
-        ("average_incremental_accuracy: 160.0", "references[0]: average_incremental_accuracy: Input should be less"),
+        (
+            "per_step: [70.0, 60.0]",
+            "references[0] (toy-cifar100-b50-2steps): per_step has 2 values; the protocol has 3 steps",
+        ),
+        (
+            "average_incremental_accuracy: 160.0",
+            "references[0] (toy-cifar100-b50-2steps): average_incremental_accuracy: Input should be less",
+        ),
         ("table: null", "a number needs the table and row it was read from"),
         ("source: later paper", "source 'later paper' goes with later_paper"),
     ],

@@ -184,7 +184,11 @@ class _File(_Strict):
 
 
 def _error_text(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+    # A check across fields (per_step against the protocol) has no key of its own: its message says which.
+    return "; ".join(
+        (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+        for e in err.errors()
+    )
 
 
 def parse_file(text: str, source: str) -> list[Reference]:
@@ -202,7 +206,7 @@ def parse_file(text: str, source: str) -> list[Reference]:
         try:
             out.append(Reference.model_validate({"paper": parsed.paper, **entry}))
         except ValidationError as err:
-            raise ReferenceError(f"{source}: references[{i}]: {_error_text(err)}") from None
+            raise ReferenceError(f"{source}: references[{i}] ({entry.get('key')}): {_error_text(err)}") from None
     return out
 
 
