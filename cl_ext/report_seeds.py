@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from cl_ext.aggregate import Group, group_by_seed, label_groups, mean_curve, paired, summarize
 from cl_ext.references import Match, aia_key, gap_line, match, run_accuracy
 from cl_ext.report import (
+    CNN_PREFIX,
     Block,
     Figure,
     Report,
@@ -31,6 +32,7 @@ from cl_ext.report import (
     Section,
     Table,
     Text,
+    _line_panel,
     _new_figure,
     build_report,
     finish_classes_axis,
@@ -258,6 +260,10 @@ def seed_report(groups: list[Group], title: str, intro: str, left_out: list[list
             partial(figure_mean_curves, groups, matches, "accuracy after each step, mean ± std over seeds"),
             caption="Line: mean over the group's runs; band: ± one sample standard deviation; dashed: "
             "the paper's per-step accuracy where a reference matches.",
+            # In W&B the runs' own curves; grouping them (a sweep's runs share a group) gives the spread.
+            panels=[
+                _line_panel("accuracy on all classes seen", [f"{CNN_PREFIX}/seen_accuracy"], "accuracy (fraction)")
+            ],
         )
     )
     gaps = [line for g in groups for line in reference_lines(g.label, g.runs, matches[g.label])]
