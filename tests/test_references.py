@@ -202,9 +202,10 @@ def test_training_images_per_class_from_the_cap_or_the_npz(tmp_path):
 
 
 def test_a_reference_without_a_number_gives_no_gap_but_says_why(tmp_path):
-    lucir = {r.key: r for r in REFERENCES}["lucir-cifar100-b50-25steps"]
-    metrics, recipe = _run(tmp_path, split=[50] + [2] * 25)
-    (found,) = match(metrics, recipe, [lucir])
+    eeil = {r.key: r for r in REFERENCES}["eeil-cifar100-50steps-of-2"]
+    metrics, recipe = _run(tmp_path, split=[2] * 50, method="replay+eeil")
+    recipe["strategy"]["memory"] = {"size": 2000, "per_class": None}
+    (found,) = match(metrics, recipe, [eeil])
     assert "no paper number" in gap_line(found, 0.5)
 
 
