@@ -483,9 +483,9 @@ class RayExecutor:
     def __init__(self, sweep: Sweep, workers: int | None, address: str | None) -> None:
         import ray
 
-        # Ray's own log lines (worker start-up, the dashboard, ...) would bury the sweep's.
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        kwargs["logging_level"] = logging.WARNING
+        # Ray's own log lines (its workers' output, a notice about token authentication at every
+        # start, ...) would bury the sweep's; its errors still show.
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
         if address:
             ray.init(address=address, **kwargs)
         else:
