@@ -444,7 +444,7 @@ def sweep(
     _sweep_table(plan, sweeps)
     failed = [run for run in plan.runs if run.status == "failed"]
     if failed:
-        lines = "\n".join(f"  {run.id}: {(run.error or '').splitlines()[-1]}" for run in failed)
+        lines = "\n".join(f"  {run.id}: {sweeps.headline_error(run.error or '')}" for run in failed)
         _fail(
             f"{len(failed)} of {len(plan.runs)} runs failed (output in {plan.path}/runs/ID/stdout.log):\n{lines}\n"
             f"after fixing the cause, run them again with: cl-ext sweep --resume {plan.path}",

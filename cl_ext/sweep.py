@@ -46,6 +46,8 @@ HEADLINE = (
 RESUMABLE = ("checkpoint.pt", "checkpoint-epoch.pt")  # what `cl-ext run --resume` continues from
 INTERRUPTED = (130, 143)  # `cl-ext run`'s exit codes after Ctrl-C and SIGTERM
 ERROR_LINES = 6  # lines of a failed run's output kept in sweep.json
+RUN_MESSAGES = ("error:", "the run stopped:", "interrupted:", "terminated (SIGTERM):")  # `cl-ext run`'s last word
+ATTEMPT_HEADER = "=== cl-ext "  # starts each attempt's section of runs/<id>/stdout.log
 
 
 class SweepError(CLExtError):
@@ -170,9 +172,12 @@ class Sweep:
             raise SweepError(f"{file}: not valid JSON ({err})") from None
         if data.get("format") != FORMAT:
             raise SweepError(f"{file}: sweep format {data.get('format')!r}, this cl-ext reads {FORMAT}")
-        runs = [Run(**run) for run in data.pop("runs")]
-        data.pop("format")
-        return cls(path=path, runs=runs, **data)
+        try:
+            runs = [Run(**run) for run in data.pop("runs")]
+            data.pop("format")
+            return cls(path=path, runs=runs, **data)
+        except (KeyError, TypeError) as err:  # a field missing or unknown: written by hand or by another version
+            raise SweepError(f"{file}: not a sweep.json this cl-ext reads ({err})") from None
 
     def log(self, text: str) -> None:
         with open(self.path / "sweep.log", "a", encoding="utf-8") as log:
@@ -205,7 +210,7 @@ class Sweep:
         tail = ["--threads", str(self.threads)]
         if folder is not None and any((folder / name).is_file() for name in RESUMABLE):
             self.log(f"{run.id} resumed from its checkpoint ({self._label(run)})")
-            return ["run", "--resume", str(folder), *tail]
+            return ["run", "--resume", str(folder.resolve()), *tail]  # the run starts in self.cwd
         if folder is not None:
             shutil.rmtree(folder)  # nothing to continue from; its output is kept in stdout.log
         self.log(f"{run.id} started ({self._label(run)})")
@@ -224,7 +229,7 @@ class Sweep:
             self.save()
             return False
         run.error = self._output_tail(run) or f"exit code {returncode}"
-        last_line = run.error.splitlines()[-1]
+        last_line = headline_error(run.error)
         if last_try:
             run.status = "failed"
             self.log(f"{run.id} failed (exit code {returncode}, attempt {run.attempts}): {last_line}")
@@ -281,7 +286,12 @@ class Sweep:
         return [run for run in self.runs if run.status != "finished"]
 
 
-ATTEMPT_HEADER = "=== cl-ext "
+def headline_error(error: str) -> str:
+    """The line of a failed run's output that says what went wrong: `cl-ext run`'s own message
+    (``error: ...``, ``the run stopped: ...``) when it printed one, else the last line."""
+    lines = error.splitlines()
+    said = [line for line in lines if line.startswith(RUN_MESSAGES)]
+    return (said or lines)[-1]
 
 
 def _headline(metrics: dict[str, Any]) -> str:

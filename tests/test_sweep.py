@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cl_ext.cli import app
 from cl_ext.errors import RecipeError
-from cl_ext.sweep import Sweep, SweepError, parse_grid, parse_seeds, plan
+from cl_ext.sweep import Sweep, SweepError, create, open_executor, parse_grid, parse_seeds, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
@@ -225,7 +225,8 @@ def test_a_run_that_fails_twice_is_marked_failed_and_the_others_finish(tmp_path)
     assert driver.returncode == 1, output
     text = flat(output)
     assert "1 of 2 runs failed" in text and f"cl-ext sweep --resume {sweep_dir}" in text
-    assert "p1-s0 failed (exit code 1): " in text and "retrying once" in text
+    assert "p1-s0 failed (exit code 1): the run stopped: the training loss is nan at experience 1" in text
+    assert "retrying once" in text and "p1-s0: the run stopped: the training loss is nan" in text
     data = json.loads((sweep_dir / "sweep.json").read_text())
     good, bad = data["runs"]
     assert (good["status"], good["attempts"]) == ("finished", 1)
@@ -265,3 +266,19 @@ def test_sweep_help_teaches_and_recipe_errors_name_the_file(tmp_path):
         plan(str(tmp_path / "absent.yaml"), [0], {}, [])
     result = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path)])
     assert result.exit_code == 1 and "not a sweep folder (no sweep.json)" in flat(result.output)
+
+
+def test_without_ray_auto_runs_sequentially_and_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    sweep = plan(QUICKSTART, [0], {}, [], out=str(tmp_path / "sw"))
+    lines = []
+    sweep.on_event = lines.append
+    create(sweep)
+    assert open_executor(sweep, "auto", None, None).name == "sequential"
+    assert lines == ["Ray is not installed: runs go one after another; pip install 'cl-ext[ray]' runs them in parallel"]
+    assert lines[0] in (tmp_path / "sw" / "sweep.log").read_text()
+    for kind, workers, address in [("ray", None, None), ("auto", None, "auto")]:
+        with pytest.raises(SweepError, match=r"Ray is not installed \(pip install 'cl-ext\[ray\]'\)"):
+            open_executor(sweep, kind, workers, address)
+    with pytest.raises(SweepError, match="--workers above 1 and --address need the Ray executor"):
+        open_executor(sweep, "sequential", 2, None)
