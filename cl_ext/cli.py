@@ -401,6 +401,7 @@ def sweep(
     from cl_ext import sweep as sweeps
 
     try:
+        kind, note = sweeps.choose_executor(executor.value, workers, address)
         if resume is not None:
             if recipe is not None or seeds or grid or overrides or threads or gpus_per_run is not None or out:
                 _fail(
@@ -425,7 +426,9 @@ def sweep(
             )
             plan.on_event = _echo
             sweeps.create(plan)
-        runner = sweeps.open_executor(plan, executor.value, workers, address)
+        if note:
+            plan.log(note)
+        runner = sweeps.open_executor(plan, kind, workers, address)
     except CLExtError as err:
         _fail(str(err))
     main_thread = threading.current_thread() is threading.main_thread()

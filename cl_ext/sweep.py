@@ -569,20 +569,25 @@ def _append(path: str, line: str) -> None:
 RAY_MISSING = "Ray is not installed: runs go one after another; pip install 'cl-ext[ray]' runs them in parallel"
 
 
+def choose_executor(kind: str, workers: int | None, address: str | None) -> tuple[str, str | None]:
+    """``ray`` or ``sequential`` for ``--executor auto|ray|sequential`` (auto: Ray when it is
+    installed), and a note to log; refuses what cannot work, before the sweep folder exists."""
+    if kind == "sequential":
+        if address or (workers or 1) > 1:
+            raise SweepError("--workers above 1 and --address need the Ray executor (--executor ray or auto)")
+        return "sequential", None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if kind == "ray" or address:
+            raise SweepError(f"{RAY_MISSING.split(':')[0]} (pip install 'cl-ext[ray]')") from None
+        return "sequential", RAY_MISSING
+    return "ray", None
+
+
 def open_executor(sweep: Sweep, kind: str, workers: int | None, address: str | None):
-    """The executor for ``--executor auto|ray|sequential``; auto is Ray when it is installed."""
-    if kind == "sequential" and (address or (workers or 1) > 1):
-        raise SweepError("--workers above 1 and --address need the Ray executor (--executor ray or auto)")
-    if kind != "sequential":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            if kind == "ray" or address:
-                raise SweepError(f"{RAY_MISSING.split(':')[0]} (pip install 'cl-ext[ray]')") from None
-            sweep.log(RAY_MISSING)
-            return SequentialExecutor()
-        return RayExecutor(sweep, workers, address)
-    return SequentialExecutor()
+    """The executor :func:`choose_executor` chose; Ray's starts (or joins) its instance here."""
+    return RayExecutor(sweep, workers, address) if kind == "ray" else SequentialExecutor()
 
 
 def execute(sweep: Sweep, executor) -> None:

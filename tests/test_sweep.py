@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cl_ext.cli import app
 from cl_ext.errors import RecipeError
-from cl_ext.sweep import Sweep, SweepError, create, open_executor, parse_grid, parse_seeds, plan
+from cl_ext.sweep import Sweep, SweepError, choose_executor, parse_grid, parse_seeds, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
@@ -270,15 +270,15 @@ def test_sweep_help_teaches_and_recipe_errors_name_the_file(tmp_path):
 
 def test_without_ray_auto_runs_sequentially_and_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
-    sweep = plan(QUICKSTART, [0], {}, [], out=str(tmp_path / "sw"))
-    lines = []
-    sweep.on_event = lines.append
-    create(sweep)
-    assert open_executor(sweep, "auto", None, None).name == "sequential"
-    assert lines == ["Ray is not installed: runs go one after another; pip install 'cl-ext[ray]' runs them in parallel"]
-    assert lines[0] in (tmp_path / "sw" / "sweep.log").read_text()
+    note = "Ray is not installed: runs go one after another; pip install 'cl-ext[ray]' runs them in parallel"
+    assert choose_executor("auto", None, None) == ("sequential", note)
+    assert choose_executor("sequential", 1, None) == ("sequential", None)
     for kind, workers, address in [("ray", None, None), ("auto", None, "auto")]:
         with pytest.raises(SweepError, match=r"Ray is not installed \(pip install 'cl-ext\[ray\]'\)"):
-            open_executor(sweep, kind, workers, address)
+            choose_executor(kind, workers, address)
     with pytest.raises(SweepError, match="--workers above 1 and --address need the Ray executor"):
-        open_executor(sweep, "sequential", 2, None)
+        choose_executor("sequential", 2, None)
+    out = tmp_path / "sw"
+    result = CliRunner().invoke(app, ["sweep", QUICKSTART, "--seeds", "0", "--executor", "ray", "--out", str(out)])
+    assert result.exit_code == 1 and "Ray is not installed" in result.output
+    assert not out.exists()  # refused before the sweep folder exists
