@@ -373,17 +373,17 @@ def validate(sweep: Sweep, runs: list[Run]) -> None:
             parsed = load_recipe(sweep.recipe, run.overrides)
         except RecipeError as err:
             raise RecipeError(f"{err}\n(grid point {run.id}: {sweep._label(run)})") from None
-        run.overrides += _wandb_group(parsed, run.overrides, sweep.path.name)
+        run.overrides += _wandb_group(parsed, sweep.path.name)
 
 
-def _wandb_group(parsed: Recipe, overrides: list[str], group: str) -> list[str]:
-    """Overrides that put the run's W&B runs in the sweep's group, unless the recipe names one."""
-    out = []
-    for i, logger in enumerate(parsed.evaluation.loggers):
-        key = f"evaluation.loggers.{i}.options.group"
-        if logger.name == "wandb" and logger.options.get("group") is None and f"{key}={_value(group)}" not in overrides:
-            out.append(f"{key}={_value(group)}")
-    return out
+def _wandb_group(parsed: Recipe, group: str) -> list[str]:
+    """Overrides that put the run's W&B runs in the sweep's group, unless the recipe (or an
+    override, such as this one at a resume) names one."""
+    return [
+        f"evaluation.loggers.{i}.options.group={_value(group)}"
+        for i, logger in enumerate(parsed.evaluation.loggers)
+        if logger.name == "wandb" and logger.options.get("group") is None
+    ]
 
 
 def create(sweep: Sweep) -> None:

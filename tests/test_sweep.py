@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cl_ext.cli import app
 from cl_ext.errors import RecipeError
-from cl_ext.sweep import Sweep, SweepError, choose_executor, parse_grid, parse_seeds, plan
+from cl_ext.sweep import Sweep, SweepError, choose_executor, create, parse_grid, parse_seeds, plan, resume
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
@@ -124,6 +124,12 @@ def test_runs_of_a_sweep_share_a_wandb_group_unless_the_recipe_names_one(tmp_pat
     recipe.write_text(yaml.safe_dump(data))
     sweep = plan(str(recipe), [0, 1], {}, [], out=str(tmp_path / "my-sweep"))
     assert [r.overrides[-1] for r in sweep.runs] == ['evaluation.loggers.1.options.group="my-sweep"'] * 2
+    sweep.on_event = lambda text: None
+    create(sweep)
+    assert resume(tmp_path / "my-sweep").runs == sweep.runs  # validated again, the group not added twice
+    recipe.write_text(recipe.read_text().replace("lr: 0.05", "lr: 0.06"))
+    with pytest.raises(SweepError, match="w.yaml changed since the sweep started"):
+        resume(tmp_path / "my-sweep")
     sweep = plan(str(recipe), [0], {}, ["evaluation.loggers.1.options.group=mine"], out=str(tmp_path / "s2"))
     assert not any('group="s2"' in o for o in sweep.runs[0].overrides)
 
