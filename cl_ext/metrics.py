@@ -31,6 +31,7 @@ from avalanche.logging import BaseLogger
 from avalanche.training.plugins import EvaluationPlugin
 from pydantic import Field
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from cl_ext.context import BuildContext
 from cl_ext.data import tensor_enabled
@@ -97,7 +98,7 @@ def forgetting_at(matrix: Matrix, step: int) -> float | None:
         return None
     drops = []
     for j in range(step):
-        earlier = [matrix[t][j] for t in range(j, step) if matrix[t][j] is not None]
+        earlier = [acc for t in range(j, step) if (acc := matrix[t][j]) is not None]
         now = matrix[step][j]
         if earlier and now is not None:
             drops.append(max(earlier) - now)
@@ -267,7 +268,7 @@ class NMEAccuracy(IncrementalAccuracy):
         self.feature_fn = feature_fn
         self.flip = flip
         self._nme: NMEClassifier | None = None
-        self._tap = None
+        self._tap: RemovableHandle | None = None
         self._features: torch.Tensor | None = None
 
     def before_eval(self, strategy) -> None:
@@ -287,6 +288,7 @@ class NMEAccuracy(IncrementalAccuracy):
         if self._tap is None or features is None:
             with torch.no_grad():
                 features = self.feature_fn(strategy.model, strategy.mb_x)
+        assert self._nme is not None, "after_eval_iteration asks for predictions only with an NME classifier"
         return self._nme.predict(features)
 
     def after_eval_iteration(self, strategy) -> None:

@@ -52,6 +52,23 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def isolate_registry_with(folder: Path, monkeypatch, request) -> None:
+    """``folder`` on ``sys.path`` until the test ends, and the registry and ``sys.modules`` as
+    they were afterwards: whatever a module from ``folder`` registers is forgotten with it."""
+    # Loaded first: a built-in module imported while the copy is in place would register only in the copy.
+    registry.load_builtins()
+    monkeypatch.setattr(registry, "_REGISTRY", {kind: dict(named) for kind, named in registry._REGISTRY.items()})
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.syspath_prepend(folder)  # also clears importlib.metadata's caches
+
+    def forget_its_modules():
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(str(folder)):
+                del sys.modules[name]
+
+    request.addfinalizer(forget_its_modules)
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many cases the fuzzer (tests/test_fuzz.py) generated in this session, per category."""
     fuzz = sys.modules.get("test_fuzz")
