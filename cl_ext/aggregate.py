@@ -72,10 +72,10 @@ class Paired:
 
 def paired(a: Mapping[int, float | None], b: Mapping[int, float | None], level: float = 0.95) -> Paired:
     """Compare two groups seed by seed (``{seed: value}``); a missing value drops its seed."""
-    a = {s: v for s, v in a.items() if v is not None}
-    b = {s: v for s, v in b.items() if v is not None}
-    seeds = tuple(sorted(set(a) & set(b)))
-    diffs = tuple(a[s] - b[s] for s in seeds)
+    known_a = {s: v for s, v in a.items() if v is not None}
+    known_b = {s: v for s, v in b.items() if v is not None}
+    seeds = tuple(sorted(set(known_a) & set(known_b)))
+    diffs = tuple(known_a[s] - known_b[s] for s in seeds)
     return Paired(
         seeds=seeds,
         differences=diffs,
@@ -83,8 +83,8 @@ def paired(a: Mapping[int, float | None], b: Mapping[int, float | None], level: 
         wins=sum(d > TIE for d in diffs),
         ties=sum(abs(d) <= TIE for d in diffs),
         losses=sum(d < -TIE for d in diffs),
-        only_a=tuple(sorted(set(a) - set(b))),
-        only_b=tuple(sorted(set(b) - set(a))),
+        only_a=tuple(sorted(set(known_a) - set(known_b))),
+        only_b=tuple(sorted(set(known_b) - set(known_a))),
     )
 
 
@@ -124,7 +124,7 @@ class Group:
 
     def values(self, key: str) -> dict[int, float | None]:
         """``{seed: metrics[key]}``; a dotted key reads nested values (``nme.average_incremental_accuracy``)."""
-        out = {}
+        out: dict[int, Any] = {}
         for run in self.runs:
             node: Any = run.metrics
             for part in key.split("."):
@@ -133,7 +133,7 @@ class Group:
         return out
 
 
-def run_seed(run: Any) -> int:
+def run_seed(run: Any) -> Any:
     return (run.recipe or {}).get("seed")
 
 

@@ -161,7 +161,9 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
         "final_average_accuracy": final_average_accuracy(matrix),
         "final_accuracy": seen[-1] if seen else None,
         "forgetting": forgetting_at(matrix, n_steps - 1) if n_steps else None,
-        "performance_drop": seen[0] - seen[-1] if len(seen) > 1 and None not in (seen[0], seen[-1]) else None,
+        "performance_drop": first - last
+        if len(seen) > 1 and (first := seen[0]) is not None and (last := seen[-1]) is not None
+        else None,
     }
 
 

@@ -12,6 +12,7 @@ Built from :mod:`cl_ext.report`'s blocks, so the HTML and Markdown renderers are
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import partial
 from itertools import combinations
 from pathlib import Path
@@ -272,7 +273,8 @@ def seed_report(groups: list[Group], title: str, intro: str, left_out: list[list
     sections = [Section("Results over seeds", "seeds", blocks, runs)]
     if len(groups) > 1:
         table, notes = paired_table(groups)
-        sections.append(Section("Paired comparison", "paired", [table] + [Text(n) for n in notes], runs))
+        paired_blocks: list[Block] = [table, *(Text(n) for n in notes)]
+        sections.append(Section("Paired comparison", "paired", paired_blocks, runs))
     if left_out:
         sections.append(
             Section(
@@ -313,9 +315,9 @@ def reference_section(runs: list[RunData]) -> Section | None:
     return Section("Against the papers", "references", blocks, runs)
 
 
-def report_for_paths(paths: list[str | Path], title: str | None = None) -> Report:
+def report_for_paths(given: Sequence[str | Path], title: str | None = None) -> Report:
     """A sweep directory, seed repeats, or runs reported one by one (:func:`cl_ext.report.build_report`)."""
-    paths = [Path(p) for p in paths]
+    paths = [Path(p) for p in given]
     if len(paths) == 1 and (paths[0] / "sweep.json").is_file():
         sweep, groups, left_out = load_sweep(paths[0])
         n = sum(len(g.runs) for g in groups)
@@ -325,13 +327,15 @@ def report_for_paths(paths: list[str | Path], title: str | None = None) -> Repor
         )
         return seed_report(groups, title or f"Sweep: {sweep.recipe}", intro, left_out)
     runs = [load_run(p) for p in paths]
-    groups = group_by_seed(runs)
-    if groups:
+    seed_groups = group_by_seed(runs)
+    if seed_groups:
         intro = (
-            f"{len(runs)} runs in {len(groups)} group(s) of runs whose resolved recipes differ only in the seed "
+            f"{len(runs)} runs in {len(seed_groups)} group(s) of runs whose resolved recipes differ only in the seed "
             "(and output folder, device and loggers)."
         )
-        return seed_report(groups, title or "Results over seeds: " + ", ".join(g.label for g in groups), intro)
+        return seed_report(
+            seed_groups, title or "Results over seeds: " + ", ".join(g.label for g in seed_groups), intro
+        )
     report = build_report(runs, title)
     section = reference_section(report.runs)
     if section:

@@ -52,6 +52,10 @@ def class_means(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 class NodeClassifier(nn.Module):
     """``head`` while training or while empty; in eval mode, the best node's class."""
 
+    centroids: torch.Tensor
+    labels: torch.Tensor
+    inverse_variance: torch.Tensor
+
     def __init__(self, head: nn.Module, metric: Metric):
         super().__init__()
         self.head = head

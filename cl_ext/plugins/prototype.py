@@ -96,4 +96,5 @@ def build_prototype(
     ] = "cosine",
 ) -> PrototypePlugin:
     """Prototype baseline for few-shot sessions: backbone frozen after the base session, classes as mean embeddings."""
+    assert ctx.model is not None, "the runner builds the model before the plugins"
     return PrototypePlugin(ctx.model, metric=metric, batch_size=ctx.recipe.strategy.eval_batch_size)

@@ -38,6 +38,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from pydantic import Field
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from cl_ext.context import BuildContext
 from cl_ext.data import tensor_enabled
@@ -207,7 +208,7 @@ class TOPICPlugin(SupervisedPlugin):
         self._node_optimizer: torch.optim.Optimizer | None = None
         self._first_class = 0
         self._captured: torch.Tensor | None = None
-        self._tap = None
+        self._tap: RemovableHandle | None = None
         self._saved_flags: dict[nn.Parameter, bool] = {}
         self._terms: list[list[float]] = []
 
@@ -274,6 +275,7 @@ class TOPICPlugin(SupervisedPlugin):
         self.history.append({"nodes": len(self.ng), "edges": self.ng.n_edges})
 
     def _grow(self, strategy, features: torch.Tensor, labels: torch.Tensor) -> None:
+        assert self._tap is not None and self.ng is not None and self._previous is not None, "a session has begun"
         self._tap.remove()
         self._tap = None
         for parameter, flag in self._saved_flags.items():
@@ -308,6 +310,7 @@ class TOPICPlugin(SupervisedPlugin):
     @property
     def _scale(self) -> float:
         """ξ's unit: the median squared length of the NG's edges (the distance of neighbouring nodes)."""
+        assert self.ng is not None, "the neural gas is learned in the base session"
         linked = torch.nonzero(torch.triu(self.ng.ages >= 0, diagonal=1))
         if len(linked) == 0:
             return 1.0
@@ -316,7 +319,9 @@ class TOPICPlugin(SupervisedPlugin):
 
     # -- features --------------------------------------------------------------------------------
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model.features(b) for b in images.split(self.batch_size)])
+        features = self.model.features
+        assert callable(features), "the builder checks the model has features()"
+        return torch.cat([features(b) for b in images.split(self.batch_size)])
 
     def _extract(self, strategy, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return extract_features(
@@ -388,6 +393,7 @@ def build_topic(
     ] = [],
 ) -> TOPICPlugin:
     """TOPIC (Tao et al. 2020): neural gas over the features, anchor loss, min-max loss, NG classification."""
+    assert ctx.model is not None, "the runner builds the model before the plugins"
     names = {name for name, _ in ctx.model.named_modules()}
     unknown = [name for name in frozen if name not in names]
     if unknown:
