@@ -22,12 +22,17 @@ from avalanche.training import (
     Naive,
     SynapticIntelligence,
 )
+from avalanche.models import MultiTaskModule
+from avalanche.models.pnn import PNN
 from avalanche.training.supervised.cumulative import Cumulative
+from avalanche.training.supervised.strategy_wrappers import PNNStrategy
 from pydantic import Field
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
+from cl_ext.models.pnn import ColumnReportPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
+from cl_ext.plugins.packnet import PackNetCapacityPlugin, PackNetNet
 from cl_ext.registry import register
 
 
@@ -196,3 +201,65 @@ def build_avalanche_icarl(ctx: BuildContext) -> ICaRL:
 
 
 build_avalanche_icarl.owns_memory = True
+
+
+def _needs_task_labels(ctx: BuildContext, name: str) -> None:
+    if not ctx.info.task_incremental:
+        raise RecipeError(
+            f"strategy {name!r} selects each task's parameters by its task label; benchmark {ctx.info.name!r} "
+            "has none (use permuted_mnist, or task_labels: true on split_mnist or digits)"
+        )
+
+
+@register("strategy", "packnet")
+def build_packnet(
+    ctx: BuildContext,
+    prune_proportion: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="share of a task's trainable weights freed for later tasks after its training "
+            "(paper: 0.5 or 0.75 per layer)",
+        ),
+    ] = 0.5,
+    post_prune_epochs: Annotated[
+        int,
+        Field(ge=0, description="epochs of retraining the kept weights after pruning, within strategy.epochs"),
+    ] = 1,
+) -> Naive:
+    """PackNet (Mallya & Lazebnik 2018): per-task weight masks by iterative pruning; needs a multihead mlp."""
+    model = ctx.model
+    if not isinstance(model, MultiTaskModule) or not hasattr(model, "backbone"):
+        raise RecipeError("strategy 'packnet' needs a model with a head per task: model mlp with multihead: true")
+    _needs_task_labels(ctx, "packnet")
+    if ctx.recipe.strategy.optimizer.weight_decay:
+        raise RecipeError(
+            "strategy.optimizer.weight_decay: packnet freezes earlier tasks' weights, which weight decay would "
+            "shrink; set it to 0 (the authors' default)"
+        )
+    if post_prune_epochs >= ctx.recipe.strategy.epochs:
+        raise RecipeError(
+            f"strategy.options.post_prune_epochs: {post_prune_epochs} must be below strategy.epochs "
+            f"({ctx.recipe.strategy.epochs}): pruning comes after the first epochs - post_prune_epochs epochs"
+        )
+    try:
+        # The same parameter objects, so the optimizer the runner made still holds them.
+        packed = PackNetNet(model.backbone, model.classifier, model.feature_dim)
+    except ValueError as err:  # Avalanche's wrap: batch norm and other layers it cannot mask
+        raise RecipeError(f"model: strategy 'packnet' cannot mask this model's layers: {err}") from None
+    ctx.model = packed
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], PackNetCapacityPlugin(post_prune_epochs, prune_proportion)]
+    return Naive(model=packed, criterion=_criterion(), **kwargs)
+
+
+@register("strategy", "pnn")
+def build_pnn(ctx: BuildContext) -> PNNStrategy:
+    """Progressive neural networks (Rusu et al. 2016): a frozen column per task; needs model pnn."""
+    if not isinstance(ctx.model, PNN):
+        raise RecipeError("strategy 'pnn' needs model.name: pnn (its columns are the method)")
+    _needs_task_labels(ctx, "pnn")
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], ColumnReportPlugin(ctx.model)]
+    return PNNStrategy(model=ctx.model, criterion=_criterion(), **kwargs)
