@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import torch
+from avalanche.models import MultiTaskModule
+from avalanche.models.pnn import PNN
 from avalanche.training import (
     AGEM,
     EWC,
@@ -22,8 +24,6 @@ from avalanche.training import (
     Naive,
     SynapticIntelligence,
 )
-from avalanche.models import MultiTaskModule
-from avalanche.models.pnn import PNN
 from avalanche.training.supervised.cumulative import Cumulative
 from avalanche.training.supervised.strategy_wrappers import PNNStrategy
 from pydantic import Field

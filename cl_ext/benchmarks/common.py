@@ -114,18 +114,22 @@ def class_incremental(
     train_transform: Callable | None,
     eval_transform: Callable | None,
     class_names: list[str] | None = None,
+    task_labels: bool = False,
 ) -> BenchmarkBundle:
-    """A class-incremental Avalanche stream without task labels, labels remapped to learning order."""
+    """A class-incremental Avalanche stream without task labels, labels remapped to learning order;
+    ``task_labels``: task-incremental instead, experience ``t`` has task label ``t`` and its
+    classes are numbered 0..k-1 within it (a head per task)."""
     order = resolve_class_order(class_order, n_classes, order_seed)
     sizes = split_sizes(n_classes, first_exp_classes, classes_per_exp)
     benchmark = nc_benchmark(
         with_sample_ids(train),
         with_sample_ids(test),
         n_experiences=len(sizes),
-        task_labels=False,
+        task_labels=task_labels,
         fixed_class_order=order,
         per_exp_classes={0: sizes[0]},
-        class_ids_from_zero_from_first_exp=True,
+        class_ids_from_zero_from_first_exp=not task_labels,
+        class_ids_from_zero_in_each_exp=task_labels,
         train_transform=train_transform,
         eval_transform=eval_transform,
     )
@@ -137,5 +141,6 @@ def class_incremental(
         class_order=order,
         classes_per_exp=sizes,
         class_names=[class_names[c] for c in order] if class_names else None,
+        task_incremental=task_labels,
     )
     return BenchmarkBundle(benchmark, info)

@@ -34,6 +34,13 @@ PerClass = Annotated[
 ]
 Root = Annotated[str, Field(description="folder holding the dataset's .npz, or torchvision's files")]
 Download = Annotated[bool, Field(description="let torchvision download the dataset when it is not under root")]
+TaskLabels = Annotated[
+    bool,
+    Field(
+        description="task-incremental: experience t carries task label t and numbers its classes 0..k-1 "
+        "(for a head per task: mlp multihead, packnet, pnn)"
+    ),
+]
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -139,6 +146,7 @@ def _arrays_bundle(
     class_order,
     class_order_seed,
     train_per_class,
+    task_labels=False,
 ) -> BenchmarkBundle:
     x_train, x_test = images_to_tensor(data["x_train"]), images_to_tensor(data["x_test"])
     y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
@@ -164,6 +172,7 @@ def _arrays_bundle(
         train_transform=train_tf,
         eval_transform=eval_tf,
         class_names=names,
+        task_labels=task_labels,
     )
 
 
@@ -177,6 +186,7 @@ def build_digits(
     test_fraction: Annotated[
         float, Field(gt=0, lt=1, description="share of each class held out as the test set")
     ] = 0.3,
+    task_labels: TaskLabels = False,
 ) -> BenchmarkBundle:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); embedded, works offline."""
     from sklearn.datasets import load_digits
@@ -207,6 +217,7 @@ def build_digits(
         train_transform=normalize,
         eval_transform=normalize,
         class_names=[str(i) for i in range(10)],
+        task_labels=task_labels,
     )
 
 
@@ -276,6 +287,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
         class_order: ClassOrder = "seed",
         class_order_seed: OrderSeed = None,
         train_per_class: PerClass = None,
+        task_labels: TaskLabels = False,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
         return _arrays_bundle(
@@ -289,6 +301,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
             class_order=class_order,
             class_order_seed=class_order_seed,
             train_per_class=train_per_class,
+            task_labels=task_labels,
         )
 
     return build
