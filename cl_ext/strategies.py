@@ -31,6 +31,7 @@ from pydantic import Field
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.models.pnn import ColumnReportPlugin
+from cl_ext.plugins.generative_replay import VAE, GenerativeReplayPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.plugins.packnet import PackNetCapacityPlugin, PackNetNet
 from cl_ext.registry import register
@@ -263,3 +264,45 @@ def build_pnn(ctx: BuildContext) -> PNNStrategy:
     kwargs = common_kwargs(ctx)
     kwargs["plugins"] = [*kwargs["plugins"], ColumnReportPlugin(ctx.model)]
     return PNNStrategy(model=ctx.model, criterion=_criterion(), **kwargs)
+
+
+@register("strategy", "generative_replay")
+def build_generative_replay(
+    ctx: BuildContext,
+    new_task_weight: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="r of Eq. 1: weight of the new data's loss, 1 - r of the replayed samples' (solver and "
+            "generator; kuc2477's DGR code: 0.5)",
+        ),
+    ] = 0.5,
+    generator_hidden: Annotated[
+        int, Field(ge=1, description="hidden units of the VAE's encoder and decoder (Avalanche's VAE: 400)")
+    ] = 400,
+    latent_dim: Annotated[int, Field(ge=1, description="latent dimensions of the VAE (Avalanche's VAE: 2)")] = 32,
+    generator_epochs: Annotated[
+        int, Field(ge=1, description="epochs of generator training per experience, after the solver's")
+    ] = 10,
+    generator_lr: Annotated[
+        float, Field(gt=0, description="Adam learning rate of the generator (kuc2477's DGR code: 1e-3)")
+    ] = 1e-3,
+) -> Naive:
+    """Deep generative replay (Shin et al. 2017): a VAE, trained continually, replays old classes labelled by the previous solver."""
+    if ctx.info.task_incremental:
+        raise RecipeError(
+            f"strategy 'generative_replay' is class-incremental (one head, no task labels); benchmark "
+            f"{ctx.info.name!r} has task labels"
+        )
+    generator = VAE(ctx.info.input_shape, generator_hidden, latent_dim)
+    plugin = GenerativeReplayPlugin(
+        generator,
+        new_task_weight=new_task_weight,
+        generator_epochs=generator_epochs,
+        generator_lr=generator_lr,
+        batch_size=ctx.recipe.strategy.batch_size,
+    )
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], plugin]
+    return Naive(model=ctx.model, criterion=_criterion(), **kwargs)
