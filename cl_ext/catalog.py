@@ -9,7 +9,10 @@ builder's name, aliases, docstring or signature, write it again with::
 
     python3 -m cl_ext.catalog
 
-``tests/test_registry.py`` fails, naming that command, when the file and the code disagree.
+which also rewrites the option tables of the docs: in a page, the region between
+``<!-- options: KIND NAME -->`` and ``<!-- /options -->`` holds the table of that entry's options
+(option, type, default, range, meaning: the rows ``cl-ext list NAME`` prints).
+``tests/test_registry.py`` fails, naming that command, when the file or a table and the code disagree.
 
 An option type is stored as an expression over builtins, ``Any`` and ``Literal``
 (``int | None``, ``Literal['seed', 'fixed'] | list[int]``, ``tuple[int, ...]``) and a default as
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 PATH = Path(__file__).with_name("catalog.json")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 COMMAND = "python3 -m cl_ext.catalog"
 
 # What an option type may be written with: anything else would need its module imported to be known.
@@ -83,6 +88,57 @@ def option_spec(tp: Any, default: Any) -> dict[str, Any]:
     return {"type": type_expr(tp)} | ({} if default is ... else {"default": repr(default)}) | spec
 
 
+OPTION_COLUMNS = ("option", "type", "default", "range", "meaning")
+_SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def option_rows(fields: Fields) -> list[tuple[str, str, str, str, str]]:
+    """One row of ``OPTION_COLUMNS`` per option, as ``cl-ext list NAME`` and the docs' tables show them."""
+    rows = []
+    for option, (tp, default) in fields.items():
+        spec = option_spec(tp, default)
+        shown = " and ".join(f"{_SYMBOLS[k]} {v}" for k, v in spec.get("range", {}).items()) or "-"
+        rows.append((option, spec["type"], spec.get("default", "(required)"), shown, spec.get("description", "-")))
+    return rows
+
+
+# A region of a docs page that holds the generated table of one entry's options.
+_REGION = re.compile(r"<!-- options: (\w+) (\w+) -->\n.*?<!-- /options -->", re.DOTALL)
+
+
+def options_table(fields: Fields) -> str:
+    """``option_rows`` as a Markdown table: what ``cl-ext list NAME`` prints, for the docs."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")  # a cell's pipe, even inside backticks, ends the cell
+
+    lines = ["| " + " | ".join(OPTION_COLUMNS) + " |", "|" + " --- |" * len(OPTION_COLUMNS)]
+    for option, tp, default, bounds, meaning in option_rows(fields):
+        shown = default if default == "(required)" else f"`{cell(default)}`"
+        lines.append(f"| `{option}` | `{cell(tp)}` | {shown} | {cell(bounds)} | {cell(meaning)} |")
+    return "\n".join(lines) + "\n"
+
+
+def docs_text(page: Path, entries: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """``page`` with each ``<!-- options: KIND NAME -->`` ... ``<!-- /options -->`` region holding
+    the table of that built-in entry's options, as ``entries`` (default: catalog.json) declare them."""
+    entries = read() if entries is None else entries
+
+    def table(match: re.Match) -> str:
+        kind, name = match.groups()
+        found = [e for e in entries.get(kind, []) if e["name"] == name]
+        if not found:
+            raise ValueError(f"{page}: {match.group(0).splitlines()[0]} names no built-in {kind} {name!r}")
+        return f"<!-- options: {kind} {name} -->\n{options_table(found[0]['options'])}<!-- /options -->"
+
+    return _REGION.sub(table, page.read_text())
+
+
+def docs_pages() -> list[Path]:
+    """The docs pages of a checkout (none in an installed package, which has no docs/)."""
+    return sorted(DOCS.rglob("*.md"))
+
+
 def type_expr(tp: Any) -> str:
     """``tp`` as an expression that evaluates to it from builtins, ``Any`` and ``Literal``."""
     if tp is None or tp is type(None):
@@ -94,10 +150,11 @@ def type_expr(tp: Any) -> str:
         return f"Literal[{', '.join(map(repr, args))}]"
     if origin in (typing.Union, types.UnionType):
         return " | ".join(map(type_expr, args))
-    if origin is not None and _NAMES.get(origin.__name__) is origin:
-        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else type_expr(a) for a in args)}]"
-    if isinstance(tp, type) and _NAMES.get(tp.__name__) is tp:
-        return tp.__name__
+    # The names are bound first: mypy narrows ``x`` in ``_NAMES.get(...) is x`` to the dict's value type or None.
+    if origin is not None and _NAMES.get(name := origin.__name__) is origin:
+        return f"{name}[{', '.join('...' if a is Ellipsis else type_expr(a) for a in args)}]"
+    if isinstance(tp, type) and _NAMES.get(name := tp.__name__) is tp:
+        return name
     raise TypeError(f"{tp!r} is not made of builtins, Any and Literal")
 
 
@@ -109,9 +166,9 @@ def text() -> str:
     entries: dict[str, list[dict[str, Any]]] = {}
     for kind in registry.KINDS:
         entries[kind] = []
-        for entry in registry.entries(kind):
-            if not entry.loaded or not entry.module.startswith("cl_ext."):
-                continue  # registered by a test or a user, or removed from the code since the last catalog
+        for entry in registry.entries(kind, third_party=False):
+            if not entry.loaded:
+                continue  # removed from the code since the last catalog
             where = f"{kind} {entry.name!r} ({entry.module})"
             options = {}
             for option, (tp, default) in entry.fields.items():
@@ -138,3 +195,8 @@ def text() -> str:
 if __name__ == "__main__":
     PATH.write_text(text())
     print(f"wrote {PATH}")
+    for doc in docs_pages():
+        updated = docs_text(doc)
+        if updated != doc.read_text():
+            doc.write_text(updated)
+            print(f"wrote the option tables of {doc}")

@@ -11,7 +11,7 @@ import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 import yaml
@@ -56,7 +56,7 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str, debug: bool = False, code: int = 1, label: str = "error") -> None:
+def _fail(message: str, debug: bool = False, code: int = 1, label: str = "error") -> NoReturn:
     """Print one error message (and, with --debug, the traceback of the exception being handled); exit."""
     if debug and sys.exc_info()[0] is not None:
         err_console.print_exception()
@@ -128,6 +128,7 @@ def run(
             if resume is not None:
                 experiment = resume_experiment(resume, overrides or [], recipe)
             else:
+                assert recipe is not None, "checked above: a recipe or --resume"
                 experiment = build_experiment(load_recipe(recipe, overrides or []))
     except CLExtError as err:
         message = str(err)
@@ -334,7 +335,10 @@ def validate(
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.json).")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories (each with metrics.json), or one sweep directory (sweep.json)."),
+    ],
     out: Annotated[
         Path | None,
         typer.Option(
@@ -351,17 +355,20 @@ def report(
     ] = False,
     title: Annotated[str | None, typer.Option(help="Report title (default: from the runs).")] = None,
 ) -> None:
-    """Write a report of one run, or compare several runs side by side.
+    """Write a report of one run, compare several runs, or summarise a sweep over seeds.
 
     The HTML file is self-contained (figures embedded, no network needed): per run the
     recipe, environment, headline numbers, accuracy per step, accuracy-matrix heatmap,
     old/new accuracy and the plugins' learned corrections; for several runs first a
-    comparison table and the accuracy curves overlaid.
+    comparison table and the accuracy curves overlaid. A sweep directory, or runs whose
+    recipes differ only in the seed, give mean +- std with a 95% interval per group, the
+    curves with a shaded spread and paired comparisons on common seeds (docs/reports.md).
 
     Example: cl-ext report runs/quickstart-* runs/finetune-* --out comparison.html --markdown
     """
     from cl_ext.report import report_for_dirs, write_report
 
+    # One run folder or one sweep folder gets its report inside it.
     target = out or (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     try:
         written = write_report(report_for_dirs(run_dirs, title), target, markdown=markdown)
@@ -440,6 +447,10 @@ def list_components(
 
     Example: cl-ext list ucir
     """
+    try:
+        registry.load_entry_points()
+    except CLExtError as err:
+        _fail(str(err))
     if name is not None:
         _list_options(name)
         return
@@ -452,7 +463,9 @@ def list_components(
             label = entry.name + (f" ({', '.join(sorted(entry.aliases))})" if entry.aliases else "")
             defaults = entry.option_defaults()
             options = ", ".join(f"{k}={defaults[k]!r}" if k in defaults else f"{k} (required)" for k in entry.fields)
-            table.add_row(label, entry.summary, options or "-")
+            if not entry.builtin:  # where a third-party entry comes from, under its name
+                label += f"\nfrom {entry.module}"
+            table.add_row(escape(label), escape(entry.summary), escape(options) or "-")
         console.print(table)
 
 
@@ -462,18 +475,11 @@ def _list_options(name: str) -> None:
         _fail(f"nothing is registered as {name!r}; cl-ext list shows every name")
     for entry in entries:
         table = Table(title=f"{entry.kind} {entry.name}: {entry.summary}", title_justify="left")
-        for column in ("option", "type", "default", "range", "meaning"):
+        for column in catalog.OPTION_COLUMNS:
             table.add_column(column, style="bold" if column == "option" else None)
-        for option, (tp, default) in entry.fields.items():
-            spec = catalog.option_spec(tp, default)
-            bounds = spec.get("range", {})
-            shown = " and ".join(f"{SYMBOLS[k]} {v}" for k, v in bounds.items()) or "-"
-            cells = (option, spec["type"], spec.get("default", "(required)"), shown, spec.get("description", "-"))
+        for cells in catalog.option_rows(entry.fields):
             table.add_row(*map(escape, cells))  # "list[int]" is text, not a rich style tag
         console.print(table)
-
-
-SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 THIRD_PARTY_WARNINGS = (

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cl_ext import registry
-from cl_ext.errors import RecipeError
+from cl_ext.errors import RecipeError, RegistryError
 from cl_ext.splits import split_sizes
 
 
@@ -129,9 +129,14 @@ class StrategyConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def _default_metrics() -> list[str | Component]:
+    # A function, not a lambda: mypy infers a lambda's list as list[str], not the field's type.
+    return ["incremental_accuracy"]
+
+
 class EvaluationConfig(_Strict):
     metrics: list[str | Component] = Field(
-        default_factory=lambda: ["incremental_accuracy"],
+        default_factory=_default_metrics,
         description="metric names, or {name, options} where a metric takes options "
         "(e.g. {name: nme_accuracy, options: {flip: true}})",
     )
@@ -160,6 +165,11 @@ class OutputConfig(_Strict):
 
 
 class Recipe(_Strict):
+    imports: list[str] = Field(
+        default_factory=list,
+        description="modules imported before the recipe's names are looked up, so that their @register "
+        "calls add methods from outside cl-ext (docs/extending.md); installed or on PYTHONPATH",
+    )
     seed: int = Field(0, description="seeds every random draw of the run")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     benchmark: Component
@@ -194,7 +204,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _check_registered(recipe: Recipe, source: str) -> None:
-    checks: list[tuple[str, str, Component | None]] = [
+    checks: list[tuple[str, str, Component]] = [
         ("benchmark", "benchmark", recipe.benchmark),
         ("model", "model", recipe.model),
         ("strategy", "strategy", Component(name=recipe.strategy.name, options=recipe.strategy.options)),
@@ -239,6 +249,20 @@ def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     except ValidationError as err:
         lines = [f"{_format_loc(e['loc'])}: {e['msg']}" for e in err.errors()]
         raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines)) from None
+    for i, module in enumerate(recipe.imports):
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise RecipeError(
+                f"{source}: imports[{i}]: {module!r} is not a module name; write it as in an import: my_lab.methods"
+            )
+        try:
+            registry.import_module(module)
+        except RegistryError:
+            raise  # an entry point's: it names itself and its distribution
+        except Exception as err:
+            hint = " (is it installed, or on PYTHONPATH?)" if isinstance(err, ModuleNotFoundError) else ""
+            raise RecipeError(
+                f"{source}: imports[{i}]: importing {module!r} failed: {type(err).__name__}: {err}{hint}"
+            ) from err
     _check_registered(recipe, source)
     return recipe
 

@@ -30,6 +30,10 @@ class BenchmarkInfo:
     classes_per_exp: list[int]
     class_names: list[str] | None = None
     task_incremental: bool = False
+    # Few-shot class-incremental benchmarks: training images per class after the first
+    # experience, and which rows of the training arrays were drawn, per original label.
+    shots: int | None = None
+    shot_rows: dict[int, list[int]] | None = None
 
     @property
     def n_experiences(self) -> int:
@@ -48,6 +52,8 @@ class BenchmarkInfo:
             "classes_per_exp": self.classes_per_exp,
             "class_names": self.class_names,
             "task_incremental": self.task_incremental,
+            "shots": self.shots,
+            "shot_rows": None if self.shot_rows is None else {str(c): r for c, r in self.shot_rows.items()},
         }
 
 

@@ -130,6 +130,7 @@ class ImagePipeline:
         """To float and normalised, with torchvision's own operations (bit for bit on both paths)."""
         images = self._to_float(images)
         if self.mean is not None:
+            assert self.std is not None, "a normalisation needs std with mean"
             images = v2.functional.normalize(images, list(self.mean), list(self.std))
         return images
 
@@ -187,7 +188,8 @@ def crop_windows(
 def with_sample_ids(dataset: Dataset, task_labels: torch.Tensor | None = None) -> AvalancheDataset:
     """``dataset`` as an Avalanche dataset whose samples carry their row (``sample_id``), the
     key of the tensor data path; task label 0 unless given."""
-    targets = torch.as_tensor(dataset.targets, dtype=torch.long)
+    # torch's Dataset type declares no targets; the benchmarks' datasets given here all carry them.
+    targets = torch.as_tensor(dataset.targets, dtype=torch.long)  # type: ignore[attr-defined]
     tasks = torch.zeros_like(targets) if task_labels is None else task_labels
     return ClassificationDataset(
         [dataset],
@@ -427,9 +429,8 @@ class TensorDataPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         view = self._view(strategy, "training")
         if view is not None and len(view.tasks.unique()) > 1:
-            view = self._fallback(
-                "training", "its samples carry several task labels (Avalanche balances them per batch)"
-            )
+            self._fallback("training", "its samples carry several task labels (Avalanche balances them per batch)")
+            view = None
         if view is not None:
             strategy.dataloader = TensorLoader(view, strategy.train_mb_size, strategy.device, shuffle=True)
 
@@ -440,7 +441,10 @@ class TensorDataPlugin(SupervisedPlugin):
 
     def _view(self, strategy, what: str) -> TensorView | None:
         view = resolve(strategy.adapted_dataset)
-        return view if isinstance(view, TensorView) else self._fallback(what, view)
+        if isinstance(view, TensorView):
+            return view
+        self._fallback(what, view)
+        return None
 
     def _fallback(self, what: str, reason: str) -> None:
         message = f"{what} data takes Avalanche's per-sample path: {reason}"

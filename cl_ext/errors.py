@@ -9,6 +9,11 @@ class RecipeError(CLExtError, ValueError):
     """A recipe that cannot be used; the message names the file and the dotted key."""
 
 
+class RegistryError(CLExtError):
+    """A third-party registration that cannot be used: an entry point that fails to load, a name
+    that a built-in already has; the message names the entry point and its distribution."""
+
+
 class DataNotFoundError(CLExtError, FileNotFoundError):
     """A benchmark's data is neither on disk nor downloadable; the message says where to put it."""
 

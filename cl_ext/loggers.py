@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TextIO
 from urllib.parse import urlparse
 
 import torch
@@ -36,10 +36,12 @@ class _RunDirFile:
     """A text file in the run directory, opened at the first write."""
 
     def __init__(self, ctx: BuildContext, filename: str):
-        self.ctx, self.filename, self._file = ctx, filename, None
+        self.ctx, self.filename = ctx, filename
+        self._file: TextIO | None = None
 
     def write(self, text: str) -> int:
         if self._file is None:
+            assert self.ctx.run_dir is not None, "a run-directory file is written only in a run with a directory"
             self._file = open(
                 self.ctx.run_dir / self.filename, "a", buffering=1
             )  # line-buffered: readable while the run goes on
@@ -264,7 +266,7 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
     x = [r["classes_seen"] for r in records]
     n_exp = max((len(row) for row in results["accuracy_matrix"]), default=0)
     matrix = wandb.Table(
-        columns=["after step", "classes seen"] + [f"experience {j} (%)" for j in range(n_exp)],
+        columns=["after step", "classes seen"] + [f"experience {j} (%)" for j in range(n_exp)],  # type: ignore[arg-type]  # wandb types columns list[str | int], invariant
         data=[
             [t, x[t]] + [_pct(v) for v in row] + [None] * (n_exp - len(row))
             for t, row in enumerate(results["accuracy_matrix"][: len(records)])
@@ -275,13 +277,15 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
         "seen_accuracy",
         "old_accuracy",
         "new_accuracy",
+        "base_accuracy",
+        "novel_accuracy",
         "new_prediction_share",
         "forgetting",
         "nme_seen_accuracy",
     }
     columns = [f"{k} (%)" if k in percent else k for k in records[0]] if records else []
     steps = wandb.Table(
-        columns=columns,
+        columns=columns,  # type: ignore[arg-type]  # wandb types columns list[str | int], invariant
         allow_mixed_types=True,
         data=[[_pct(v) if k in percent else v for k, v in r.items()] for r in records],
     )
@@ -325,7 +329,9 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
     for name, summary in (results.get("plugins") or {}).items():
         for key, (columns, rows) in plugin_step_tables(summary or {}).items():
             logs[f"plugins/{name}/{key}"] = wandb.Table(
-                columns=columns, data=[[_cell(v) for v in row] for row in rows], allow_mixed_types=True
+                columns=columns,  # type: ignore[arg-type]  # wandb types columns list[str | int], invariant
+                data=[[_cell(v) for v in row] for row in rows],
+                allow_mixed_types=True,
             )
     return logs
 
@@ -373,7 +379,8 @@ def _wandb_login_found() -> bool:
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return netrc.netrc(path).authenticators(host) is not None
+        # No host: only a `default` entry can match, for "" as for None.
+        return netrc.netrc(path).authenticators(host or "") is not None
     except (OSError, netrc.NetrcParseError):
         return False
 

@@ -176,6 +176,7 @@ class ExemplarMemory:
         """Places per class (rehearsal and holdout together) when ``n_classes`` are stored."""
         if self.per_class is not None:
             return self.per_class
+        assert self.size is not None, "__init__ sets exactly one of size and per_class"
         return self.size // max(n_classes, 1)
 
     def holdout_quota(self, n_classes: int) -> int:

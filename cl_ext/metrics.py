@@ -6,12 +6,16 @@ seen so far. From the per-experience counts come (see docs/metrics.md for the fo
 - ``accuracy_matrix[t][j]``: accuracy on test experience j after step t (None for j > t);
 - ``seen_accuracy[t]``: accuracy over all test samples of the classes seen so far;
 - ``old_accuracy[t]`` / ``new_accuracy[t]``: the same on experiences before t / on experience t;
+- ``base_accuracy[t]`` / ``novel_accuracy[t]``: the same on the first experience (the base
+  classes) / on experiences 1..t pooled (the classes learned incrementally), as FSCIL papers
+  report them;
 - ``new_prediction_share[t]``: share of predictions falling in step t's classes (the bias
   towards new classes that BiC and IL2M correct);
 - ``average_incremental_accuracy``: mean of seen_accuracy over all steps (Rebuffi et al.
   2017; Hou et al. 2019), and ``..._excl_first`` without the first, base step;
 - ``final_average_accuracy``: mean of the last row of the matrix; ``forgetting``: mean drop
-  from the best earlier accuracy (Chaudhry et al. 2018).
+  from the best earlier accuracy (Chaudhry et al. 2018); ``performance_drop``: seen
+  accuracy after the first step minus after the last (the FSCIL papers' "PD").
 
 Used in users' own scripts, add ``IncrementalAccuracy()`` to an ``EvaluationPlugin`` and
 evaluate on ``test_stream[: t + 1]`` after each training experience.
@@ -31,6 +35,7 @@ from avalanche.logging import BaseLogger
 from avalanche.training.plugins import EvaluationPlugin
 from pydantic import Field
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from cl_ext.context import BuildContext
 from cl_ext.data import tensor_enabled
@@ -84,6 +89,13 @@ def average_incremental_accuracy(seen_accuracy: Sequence[float], include_first: 
     return float(np.mean(values)) if values else None
 
 
+def pooled_accuracy(row: dict[int, _Counts], experiences) -> float | None:
+    """Accuracy over the test samples of the given experiences together (None if they hold none)."""
+    rows = [row[j] for j in experiences if j in row]
+    total = sum(c.total for c in rows)
+    return sum(c.correct for c in rows) / total if total else None
+
+
 def final_average_accuracy(matrix: Matrix) -> float | None:
     if not matrix:
         return None
@@ -97,7 +109,7 @@ def forgetting_at(matrix: Matrix, step: int) -> float | None:
         return None
     drops = []
     for j in range(step):
-        earlier = [matrix[t][j] for t in range(j, step) if matrix[t][j] is not None]
+        earlier = [acc for t in range(j, step) if (acc := matrix[t][j]) is not None]
         now = matrix[step][j]
         if earlier and now is not None:
             drops.append(max(earlier) - now)
@@ -116,7 +128,7 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
     n_steps = len(counts)
     width = max((max(row) + 1 for row in counts if row), default=0)
     matrix: list[list[float | None]] = []
-    seen, old, new, share = [], [], [], []
+    seen, old, new, share, base, novel = [], [], [], [], [], []
     for t, row in enumerate(counts):
         matrix.append(
             [
@@ -132,12 +144,16 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
         old.append(sum(c.correct for c in old_rows) / old_total if old_total else None)
         new.append(matrix[t][t] if t < len(matrix[t]) else None)
         share.append(sum(c.predicted_newest for c in seen_rows) / total if (total and newest_classes_known) else None)
+        base.append(pooled_accuracy(row, [0]))
+        novel.append(pooled_accuracy(row, range(1, t + 1)))
     seen_values = [s for s in seen if s is not None]
     return {
         "accuracy_matrix": matrix,
         "seen_accuracy": seen,
         "old_accuracy": old,
         "new_accuracy": new,
+        "base_accuracy": base,
+        "novel_accuracy": novel,
         "new_prediction_share": share,
         "forgetting_per_step": [forgetting_at(matrix, t) for t in range(n_steps)],
         "average_incremental_accuracy": average_incremental_accuracy(seen_values),
@@ -145,6 +161,7 @@ def summarize(counts: Sequence[dict[int, _Counts]], newest_classes_known: bool =
         "final_average_accuracy": final_average_accuracy(matrix),
         "final_accuracy": seen[-1] if seen else None,
         "forgetting": forgetting_at(matrix, n_steps - 1) if n_steps else None,
+        "performance_drop": seen[0] - seen[-1] if len(seen) > 1 and None not in (seen[0], seen[-1]) else None,
     }
 
 
@@ -220,6 +237,8 @@ class IncrementalAccuracy(PluginMetric[dict]):
             "seen_accuracy": summary["seen_accuracy"][self.step],
             "old_accuracy": summary["old_accuracy"][self.step],
             "new_accuracy": summary["new_accuracy"][self.step],
+            "base_accuracy": summary["base_accuracy"][self.step],
+            "novel_accuracy": summary["novel_accuracy"][self.step],
             "new_prediction_share": summary["new_prediction_share"][self.step],
             "forgetting": summary["forgetting_per_step"][self.step],
             "average_incremental_accuracy": summary["average_incremental_accuracy"],
@@ -267,7 +286,7 @@ class NMEAccuracy(IncrementalAccuracy):
         self.feature_fn = feature_fn
         self.flip = flip
         self._nme: NMEClassifier | None = None
-        self._tap = None
+        self._tap: RemovableHandle | None = None
         self._features: torch.Tensor | None = None
 
     def before_eval(self, strategy) -> None:
@@ -287,6 +306,7 @@ class NMEAccuracy(IncrementalAccuracy):
         if self._tap is None or features is None:
             with torch.no_grad():
                 features = self.feature_fn(strategy.model, strategy.mb_x)
+        assert self._nme is not None, "after_eval_iteration asks for predictions only with an NME classifier"
         return self._nme.predict(features)
 
     def after_eval_iteration(self, strategy) -> None:

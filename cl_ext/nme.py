@@ -15,6 +15,8 @@ channels rather than mirroring; this option mirrors.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,10 @@ class NMEClassifier:
         averaged in with equal weight."""
         classes = labels.unique(sorted=True)
         views = [features] if mirrored is None else [features, mirrored]
-        means = sum(_class_means(F.normalize(v.float(), dim=1), labels, classes) for v in views) / len(views)
+        # A tensor: views is never empty (sum's start value 0 is what makes mypy type it Tensor | int).
+        means = cast(
+            torch.Tensor, sum(_class_means(F.normalize(v.float(), dim=1), labels, classes) for v in views) / len(views)
+        )
         return cls(F.normalize(means, dim=1), classes)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:

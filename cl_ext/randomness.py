@@ -18,7 +18,7 @@ import functools
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,9 @@ def seed_everything(seed: int) -> None:
 def capture() -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's (CPU and every CUDA device) global generators."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's stubs resolve a bare get_state() to the dict overload; the default (legacy=True) returns this tuple.
+    mt19937 = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, pos, has_gauss, cached = mt19937
     return {
         "python": [version, list(internal), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],

@@ -15,7 +15,16 @@ catalog (``cl_ext/catalog.py``): names, aliases, summary, option types and defau
 module that defines the builder, which is imported the first time the builder is needed
 (``build``, ``Entry.builder``). Importing it runs its ``@register`` calls, whose entries then
 take the catalog's place. A builder registered from any other module (a user's, a test's) is
-added beside the catalog's entries, under names of its own.
+added beside the catalog's entries, under names of its own: a name a built-in has is refused.
+
+Third-party modules register the same way, and are found in two places (docs/extending.md):
+
+- the ``cl_ext.plugins`` entry-point group of installed distributions: each entry point names a
+  module, whose ``@register`` calls may add entries of any kind. They are loaded the first time
+  the registry is asked for a name, so ``cl-ext list`` and ``validate`` know them (at the cost of
+  importing them);
+- a recipe's ``imports:`` list, modules imported (:func:`import_module`) before the recipe's
+  names are looked up.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, create_model
 
 from cl_ext import catalog
+from cl_ext.errors import RegistryError
 
 KINDS = ("benchmark", "model", "strategy", "plugin", "metric", "logger")
+ENTRY_POINT_GROUP = "cl_ext.plugins"
 
 # Modules whose import registers the built-in entries.
 _BUILTIN_MODULES = (
@@ -62,16 +73,24 @@ class Entry:
         return self.loaded_builder is not None
 
     @property
+    def builtin(self) -> bool:
+        return self.module.startswith("cl_ext.")
+
+    @property
     def builder(self) -> Callable[..., Any]:
-        return _loaded(self).loaded_builder
+        builder = _loaded(self).loaded_builder
+        assert builder is not None, "_loaded returns a loaded entry"
+        return builder
 
     @cached_property
     def options_model(self) -> type[BaseModel]:
         # Built on first use: pydantic takes milliseconds a model, and a recipe needs few of them.
+        # (Typed Any: as **kwargs, (type, default) pairs would be checked against create_model's named keywords.)
+        fields: dict[str, Any] = self.fields
         return create_model(
             f"{self.kind.title()}_{self.name}_options",
             __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
-            **self.fields,
+            **fields,
         )
 
     def option_defaults(self) -> dict[str, Any]:
@@ -145,13 +164,15 @@ def register(kind: str, name: str, *aliases: str, n_classes: int | None = None) 
         for key in (name, *aliases):
             existing = _REGISTRY[kind].get(key)
             # The catalog's entry stands for its module's own registration, which replaces it.
-            replaces = (
-                existing is None
-                or existing.loaded_builder is builder
-                or (not existing.loaded and existing.module == entry.module)
+            replaces = existing is None or (
+                existing.loaded_builder is builder or (not existing.loaded and existing.module == entry.module)
             )
-            if not replaces:
-                raise ValueError(f"{kind} {key!r} is already registered")
+            if existing is not None and not replaces:
+                owner = "cl-ext's built-in" if existing.builtin else "the one"
+                raise ValueError(
+                    f"{kind} {key!r} is already registered: {owner} from {existing.module}; "
+                    f"register {entry.module}'s under another name"
+                )
             _REGISTRY[kind][key] = entry
         return builder
 
@@ -164,13 +185,50 @@ def load_builtins() -> None:
         importlib.import_module(module)
 
 
+_entry_points_loaded = False
+
+
+def load_entry_points() -> None:
+    """Import the modules named in the ``cl_ext.plugins`` entry-point group (once per process).
+
+    One that fails to import, or registers a name that is taken, raises a :class:`RegistryError`
+    naming the entry point and its distribution, whenever the registry is asked: skipping it would
+    let a recipe that names its entries fail with "unknown plugin", far from the cause."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    # Set first: a module being loaded may itself ask the registry for a name.
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {point.name} = {point.value} (group {ENTRY_POINT_GROUP}"
+        where += f", distribution {point.dist.name} {point.dist.version})" if point.dist else ")"
+        try:
+            point.load()
+        except Exception as err:
+            _entry_points_loaded = False  # asked again, it fails again: never a registry with a gap
+            raise RegistryError(f"{where} failed to load: {type(err).__name__}: {err}") from err
+
+
+def import_module(name: str) -> None:
+    """Import a module that registers entries (a recipe's ``imports:``), after the entry points,
+    so that a clash between the two is blamed on the module imported last."""
+    load_entry_points()
+    importlib.import_module(name)
+
+
 def names(kind: str) -> list[str]:
+    load_entry_points()
     return sorted(_REGISTRY[kind])
 
 
-def entries(kind: str) -> list[Entry]:
-    """Each entry of ``kind`` once, in the order of its first name alphabetically."""
-    return list({id(entry): entry for entry in (_REGISTRY[kind][n] for n in names(kind))}.values())
+def entries(kind: str, third_party: bool = True) -> list[Entry]:
+    """Each entry of ``kind`` once, in the order of its first name alphabetically; with
+    ``third_party=False`` the built-in ones only, without loading any entry point."""
+    named = names(kind) if third_party else sorted(_REGISTRY[kind])
+    unique = {id(entry): entry for entry in (_REGISTRY[kind][n] for n in named)}.values()
+    return [entry for entry in unique if third_party or entry.builtin]
 
 
 # Names that meant something else before: a recipe still using one gets told where it went.
@@ -181,6 +239,7 @@ RENAMED = {
 
 
 def get(kind: str, name: str) -> Entry:
+    load_entry_points()
     try:
         return _REGISTRY[kind][name]
     except KeyError:
@@ -194,4 +253,4 @@ def build(kind: str, name: str, ctx: Any, options: dict[str, Any] | None = None)
     """Validate ``options`` against the builder's signature and call it."""
     entry = _loaded(get(kind, name))
     validated = entry.options_model.model_validate(options or {})
-    return entry.loaded_builder(ctx, **{k: getattr(validated, k) for k in type(validated).model_fields})
+    return entry.builder(ctx, **{k: getattr(validated, k) for k in type(validated).model_fields})

@@ -54,6 +54,7 @@ HEADLINE = [
     ("final_accuracy", "final accuracy on all classes (%)", "pct"),
     ("final_average_accuracy", "final average accuracy over experiences (%)", "pct"),
     ("forgetting", "forgetting (percentage points)", "pp"),
+    ("performance_drop", "performance drop, first step minus last (percentage points)", "pp"),
 ]
 
 
@@ -289,12 +290,17 @@ def figure_accuracy_curves(runs: Sequence[RunData], title: str) -> MplFigure:
                 color=f"C{i}",
                 label=f"{run.label}, NME (avg. incr. {fmt_pct(run.nme.get('average_incremental_accuracy'))}%)",
             )
+    finish_classes_axis(ax, plotted, ticks, title)
+    return fig
+
+
+def finish_classes_axis(ax, plotted: Iterable[np.ndarray], ticks: Iterable[int], title: str) -> None:
+    """Accuracy on the seen classes against the number of classes learned: axes, title, legend."""
     _accuracy_axis(ax, plotted, "accuracy on all classes seen (%)")
     ax.set_xticks(sorted(ticks))
     ax.set_xlabel("number of classes learned")
     ax.set_title(title)
     ax.legend(fontsize="small", loc="lower left")
-    return fig
 
 
 def rising_losses(train_loss: Sequence[Sequence[float]]) -> list[int]:
@@ -555,6 +561,8 @@ def step_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "seen_accuracy": at(metrics, "seen_accuracy"),
                 "old_accuracy": at(metrics, "old_accuracy"),
                 "new_accuracy": at(metrics, "new_accuracy"),
+                "base_accuracy": at(metrics, "base_accuracy"),
+                "novel_accuracy": at(metrics, "novel_accuracy"),
                 "new_prediction_share": at(metrics, "new_prediction_share"),
                 "forgetting": at(metrics, "forgetting_per_step"),
                 "nme_seen_accuracy": at(nme, "seen_accuracy"),
@@ -566,7 +574,10 @@ def step_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def steps_table(run: RunData) -> Table:
     with_nme = run.nme is not None
+    # Few-shot runs (FSCIL) are read as base vs novel classes, as their papers report them.
+    few_shot = run.metrics["benchmark"].get("shots") is not None
     columns = ["step", "classes", "seen (%)", "old (%)", "new (%)", "predicted new (%)", "forgetting (points)"]
+    columns += ["base (%)", "novel (%)"] if few_shot else []
     columns += ["NME seen (%)"] if with_nme else []
     columns += ["time"]
     rows = []
@@ -580,6 +591,7 @@ def steps_table(run: RunData) -> Table:
             fmt_pct(r["new_prediction_share"], 1),
             fmt_pct(r["forgetting"]),
         ]
+        row += [fmt_pct(r["base_accuracy"]), fmt_pct(r["novel_accuracy"])] if few_shot else []
         row += [fmt_pct(r["nme_seen_accuracy"])] if with_nme else []
         rows.append(row + [fmt_duration(r["wall_time_s"])])
     return Table(columns, rows, caption="After each training step, on the test data of all classes seen so far")
@@ -768,7 +780,11 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> Report:
 
 
 def report_for_dirs(paths: Sequence[str | Path], title: str | None = None) -> Report:
-    return build_report([load_run(p) for p in paths], title)
+    """A sweep directory, runs that repeat an experiment over seeds, or runs one by one."""
+    # Imported here: cl_ext.report_seeds builds on this module's blocks.
+    from cl_ext.report_seeds import report_for_paths
+
+    return report_for_paths(list(paths), title)
 
 
 # -- HTML -----------------------------------------------------------------------------------
@@ -831,7 +847,8 @@ def _html_figure(figure: Figure) -> str:
 
 
 def _html_blocks(blocks: Sequence[Block]) -> str:
-    out, figures = [], []
+    out: list[str] = []
+    figures: list[str] = []
 
     def flush() -> None:
         if figures:

@@ -86,6 +86,7 @@ def make_scheduler_plugin(recipe: Recipe, optimizer) -> LRSchedulerPlugin | None
     s = recipe.strategy.lr_schedule
     if s.name == "constant":
         return None
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     if s.name == "multistep":
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, s.milestones, s.gamma)
     else:
@@ -464,6 +465,8 @@ STEP_COLUMNS = [
     "seen_accuracy",
     "old_accuracy",
     "new_accuracy",
+    "base_accuracy",
+    "novel_accuracy",
     "new_prediction_share",
     "forgetting",
     "average_incremental_accuracy_so_far",
@@ -486,6 +489,8 @@ def steps_csv(metrics: dict[str, Any]) -> str:
             metrics["seen_accuracy"][t],
             metrics["old_accuracy"][t],
             metrics["new_accuracy"][t],
+            metrics["base_accuracy"][t],
+            metrics["novel_accuracy"][t],
             metrics["new_prediction_share"][t],
             metrics["forgetting_per_step"][t],
             float(np.mean(seen_so_far)) if seen_so_far else None,
@@ -503,6 +508,7 @@ def checkpoint_state(
 ) -> dict[str, Any]:
     """Everything needed to continue: after ``len(wall_times)`` experiences, plus ``epoch`` epochs of the next."""
     strategy = exp.strategy
+    assert exp.ctx.model is not None, "build_experiment builds the model"
     plugins, not_resumable = state.plugin_states(strategy)
     try:
         optimizer = state.optimizer_state(strategy)
@@ -584,6 +590,7 @@ def resume_experiment(
     checkpoint = load_checkpoint(path) if path.is_file() else None
     epoch_checkpoint = load_checkpoint(epoch_path) if epoch_path.is_file() else None
     newest = epoch_checkpoint or checkpoint
+    assert newest is not None, "one of the two checkpoint files exists (checked above)"
     if newest.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path}: checkpoint format {newest.get('format')}, this cl-ext reads {CHECKPOINT_FORMAT}")
     changed = _differences(newest["recipe"], recipe_to_dict(recipe))
@@ -606,6 +613,7 @@ def resume_experiment(
             f"{run_dir}: the benchmark now orders its classes {exp.ctx.info.class_order}, the run used "
             f"{newest['class_order']}: the data or a library changed; start the run again"
         )
+    assert exp.ctx.benchmark is not None, "build_experiment builds the benchmark"
     stream = exp.ctx.benchmark.benchmark.train_stream
     if checkpoint is not None:
         _restore(exp, checkpoint, list(stream)[: checkpoint["completed_experiences"]])
@@ -618,6 +626,7 @@ def resume_experiment(
 
 
 def _restore(exp: Experiment, checkpoint: dict[str, Any], finished_experiences=()) -> None:
+    assert exp.ctx.model is not None, "build_experiment builds the model"
     try:
         state.load_model_state(exp.ctx.model, checkpoint["model"], finished_experiences)
         state.load_optimizer_state(exp.strategy, checkpoint["optimizer"])
@@ -689,6 +698,7 @@ def run_experiment(
     else:
         _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     _atomic_write(run_dir / "environment.json", json.dumps(environment, indent=2))
+    assert ctx.benchmark is not None, "build_experiment builds the benchmark"
     benchmark = ctx.benchmark.benchmark
     wall_times = exp.wall_times
     exp.progress.on_iteration, exp.progress.on_epoch = on_progress, on_epoch

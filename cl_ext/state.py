@@ -148,7 +148,7 @@ def _save_ewc(plugin: EWCPlugin, strategy) -> dict[str, Any]:
 
 def _load_ewc(plugin: EWCPlugin, state, strategy) -> None:
     for attr in ("saved_params", "importances"):
-        restored = defaultdict(dict)
+        restored: defaultdict[int, dict[str, ParamData]] = defaultdict(dict)
         restored.update({e: _param_data(d, strategy.device) for e, d in state[attr].items()})
         setattr(plugin, attr, restored)
 

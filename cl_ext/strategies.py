@@ -9,7 +9,7 @@ the plugin ``icarl`` (:mod:`cl_ext.plugins.icarl`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -185,7 +185,7 @@ def build_avalanche_icarl(ctx: BuildContext) -> ICaRL:
     if memory is None or memory.size is None:
         raise RecipeError("strategy 'avalanche_icarl' needs strategy.memory.size (its total exemplar budget)")
     model = ctx.model
-    if not (hasattr(model, "backbone") and hasattr(model, "classifier")):
+    if model is None or not (hasattr(model, "backbone") and hasattr(model, "classifier")):
         raise RecipeError("strategy 'avalanche_icarl' needs a cl-ext model (with backbone and classifier)")
     kwargs = common_kwargs(ctx)
     kwargs.pop("eval_every")
@@ -193,7 +193,8 @@ def build_avalanche_icarl(ctx: BuildContext) -> ICaRL:
     # so the head must not grow: a linear layer over all classes, as in the paper's sigmoid setup.
     return ICaRL(
         feature_extractor=model.backbone,
-        classifier=torch.nn.Linear(model.feature_dim, ctx.info.n_classes),
+        # nn.Module.__getattr__ types any attribute Tensor | Module; a cl-ext model's feature_dim is an int.
+        classifier=torch.nn.Linear(cast(int, model.feature_dim), ctx.info.n_classes),
         memory_size=memory.size,
         buffer_transform=None,
         fixed_memory=True,
@@ -201,7 +202,8 @@ def build_avalanche_icarl(ctx: BuildContext) -> ICaRL:
     )
 
 
-build_avalanche_icarl.owns_memory = True
+# mypy has no notion of attributes set on a function; the runner reads this one with getattr.
+build_avalanche_icarl.owns_memory = True  # type: ignore[attr-defined]
 
 
 def _needs_task_labels(ctx: BuildContext, name: str) -> None:

@@ -29,6 +29,7 @@ COMPONENTS = (
     "cl_ext.errors",
     "cl_ext.randomness",
     "cl_ext.progress",
+    "cl_ext.losses",
 )
 RULES = [
     (COMPONENTS, ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.report", "cl_ext.loggers", "cl_ext.state")),
@@ -37,7 +38,14 @@ RULES = [
         ("cl_ext.cli", "cl_ext.runner", "cl_ext.report", "cl_ext.loggers"),
     ),
     (("cl_ext.runner", "cl_ext.state"), ("cl_ext.cli", "cl_ext.report", "cl_ext.loggers")),
-    (("cl_ext.report",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state")),
+    (
+        ("cl_ext.report", "cl_ext.report_seeds"),
+        ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state"),
+    ),
+    (
+        ("cl_ext.aggregate", "cl_ext.references"),
+        ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.report", "cl_ext.loggers", "cl_ext.state"),
+    ),
     (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state")),
 ]
 

@@ -4,8 +4,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+from pydantic import Field
 
 from cl_ext import catalog, registry
 
@@ -90,9 +92,6 @@ def test_builders_registered_at_run_time_join_the_catalog(own_registry):
 
 
 def test_option_bounds_and_descriptions_survive_the_catalog_and_show_in_list():
-    from typing import Annotated
-
-    from pydantic import Field
     from typer.testing import CliRunner
 
     from cl_ext.cli import app
@@ -121,3 +120,37 @@ def test_every_built_in_option_says_what_it_means():
         if not spec.get("description")
     ]
     assert not missing, "options without a description (Annotated[T, Field(description=...)]):\n" + "\n".join(missing)
+
+
+def test_docs_option_tables_are_what_the_code_declares():
+    stale = [
+        str(page.relative_to(ROOT)) for page in catalog.docs_pages() if catalog.docs_text(page) != page.read_text()
+    ]
+    assert not stale, f"option tables that differ from the code in {stale}; write them again with: {catalog.COMMAND}"
+
+
+def test_every_method_page_has_a_generated_option_table():
+    pages = sorted((ROOT / "docs" / "methods").glob("*.md"))
+    without = [page.name for page in pages if "<!-- options: " not in page.read_text()]
+    assert pages and not without, (
+        f"{without}: mark the options table with <!-- options: KIND NAME --> ... <!-- /options --> "
+        f"and write it with {catalog.COMMAND}"
+    )
+
+
+def test_an_options_region_is_written_from_the_catalog(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Prose.\n<!-- options: plugin il2m -->\n| stale |\n<!-- /options -->\nMore prose.\n")
+    entries = {
+        "plugin": [{"name": "il2m", "options": {"scores": (Annotated[str | None, Field(description="a|b")], "x")}}]
+    }
+    assert catalog.docs_text(page, entries) == (
+        "Prose.\n<!-- options: plugin il2m -->\n"
+        "| option | type | default | range | meaning |\n"
+        "| --- | --- | --- | --- | --- |\n"
+        "| `scores` | `str \\| None` | `'x'` | - | a\\|b |\n"
+        "<!-- /options -->\nMore prose.\n"
+    )
+    page.write_text("<!-- options: plugin nonesuch -->\n<!-- /options -->\n")
+    with pytest.raises(ValueError, match="names no built-in plugin 'nonesuch'"):
+        catalog.docs_text(page)

@@ -101,6 +101,22 @@ def cap_per_class(y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor
     return torch.cat(keep).sort().values
 
 
+def few_shot_rows(y: torch.Tensor, novel_classes: Sequence[int], shots: int, seed: int) -> dict[int, list[int]]:
+    """Per novel class (original label), ``shots`` training rows drawn at random with ``seed``.
+
+    The draw is per class and independent of the other classes' rows, so the same seed gives
+    the same shots whatever else the benchmark holds (as the FSCIL authors' loader draws
+    ``k_shot`` images per class with ``np.random.choice``)."""
+    chosen = {}
+    for c in novel_classes:
+        rows = torch.nonzero(y == c).flatten()
+        if len(rows) < shots:
+            raise RecipeError(f"benchmark.options.shots: class {c} has only {len(rows)} training images, not {shots}")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(c))
+        chosen[int(c)] = rows[torch.randperm(len(rows), generator=generator)[:shots]].sort().values.tolist()
+    return chosen
+
+
 def class_incremental(
     name: str,
     train: ArrayDataset,
@@ -114,13 +130,29 @@ def class_incremental(
     train_transform: Callable | None,
     eval_transform: Callable | None,
     class_names: list[str] | None = None,
+    shots: int | None = None,
+    shot_seed: int = 0,
+    source_rows: torch.Tensor | None = None,
     task_labels: bool = False,
 ) -> BenchmarkBundle:
-    """A class-incremental Avalanche stream without task labels, labels remapped to learning order;
+    """A class-incremental Avalanche stream without task labels, labels remapped to learning order.
+
+    ``shots``: few-shot class-incremental learning (Tao et al., CVPR 2020): the classes after
+    the first experience keep only ``shots`` training images each, drawn with ``shot_seed``;
+    the test set is untouched (all test images of every seen class). ``source_rows``: the row
+    of the source arrays each training sample came from, so the recorded shots name them.
     ``task_labels``: task-incremental instead, experience ``t`` has task label ``t`` and its
     classes are numbered 0..k-1 within it (a head per task)."""
     order = resolve_class_order(class_order, n_classes, order_seed)
     sizes = split_sizes(n_classes, first_exp_classes, classes_per_exp)
+    shot_rows = None
+    if shots is not None:
+        shot_rows = few_shot_rows(train.targets, order[sizes[0] :], shots, shot_seed)
+        is_base = torch.isin(train.targets, torch.tensor(order[: sizes[0]]))
+        keep = torch.cat([torch.nonzero(is_base).flatten(), torch.tensor(sum(shot_rows.values(), []))]).sort().values
+        train = ArrayDataset(train.x[keep], train.targets[keep])
+        if source_rows is not None:
+            shot_rows = {c: source_rows[rows].tolist() for c, rows in shot_rows.items()}
     benchmark = nc_benchmark(
         with_sample_ids(train),
         with_sample_ids(test),
@@ -142,5 +174,7 @@ def class_incremental(
         classes_per_exp=sizes,
         class_names=[class_names[c] for c in order] if class_names else None,
         task_incremental=task_labels,
+        shots=shots,
+        shot_rows=shot_rows,
     )
     return BenchmarkBundle(benchmark, info)

@@ -32,6 +32,14 @@ OrderSeed = Annotated[
 PerClass = Annotated[
     int | None, Field(ge=1, description="keep at most this many training images per class, a seeded draw (null: all)")
 ]
+Shots = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        description="few-shot class-incremental learning: training images kept per class after the first "
+        "experience, drawn with the recipe's seed (TOPIC: 5; null: all)",
+    ),
+]
 Root = Annotated[str, Field(description="folder holding the dataset's .npz, or torchvision's files")]
 Download = Annotated[bool, Field(description="let torchvision download the dataset when it is not under root")]
 TaskLabels = Annotated[
@@ -146,6 +154,7 @@ def _arrays_bundle(
     class_order,
     class_order_seed,
     train_per_class,
+    shots=None,
     task_labels=False,
 ) -> BenchmarkBundle:
     x_train, x_test = images_to_tensor(data["x_train"]), images_to_tensor(data["x_test"])
@@ -172,6 +181,9 @@ def _arrays_bundle(
         train_transform=train_tf,
         eval_transform=eval_tf,
         class_names=names,
+        shots=shots,
+        shot_seed=ctx.recipe.seed,
+        source_rows=keep,
         task_labels=task_labels,
     )
 
@@ -186,6 +198,7 @@ def build_digits(
     test_fraction: Annotated[
         float, Field(gt=0, lt=1, description="share of each class held out as the test set")
     ] = 0.3,
+    shots: Shots = None,
     task_labels: TaskLabels = False,
 ) -> BenchmarkBundle:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); embedded, works offline."""
@@ -217,6 +230,9 @@ def build_digits(
         train_transform=normalize,
         eval_transform=normalize,
         class_names=[str(i) for i in range(10)],
+        shots=shots,
+        shot_seed=0 if shots is None else ctx.recipe.seed,  # builds without a recipe (users' scripts) draw no shots
+        source_rows=torch.nonzero(~is_test).flatten(),
         task_labels=task_labels,
     )
 
@@ -235,6 +251,7 @@ def build_npz(
         Literal["none", "cifar"], Field(description="cifar: pad by 4, random crop back, random mirror")
     ] = "none",
     train_per_class: PerClass = None,
+    shots: Shots = None,
 ) -> BenchmarkBundle:
     """Any .npz with x_train, y_train, x_test, y_test (uint8 images); normalised with its own statistics."""
     data = load_npz(Path(path).expanduser(), "benchmark.options.path")
@@ -249,6 +266,7 @@ def build_npz(
         class_order=class_order,
         class_order_seed=class_order_seed,
         train_per_class=train_per_class,
+        shots=shots,
     )
 
 
@@ -287,6 +305,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
         class_order: ClassOrder = "seed",
         class_order_seed: OrderSeed = None,
         train_per_class: PerClass = None,
+        shots: Shots = None,
         task_labels: TaskLabels = False,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
@@ -301,6 +320,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
             class_order=class_order,
             class_order_seed=class_order_seed,
             train_per_class=train_per_class,
+            shots=shots,
             task_labels=task_labels,
         )
 

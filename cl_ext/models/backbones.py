@@ -22,6 +22,10 @@ from cl_ext.registry import register
 
 
 class IncrementalNet(nn.Module):
+    # submodules (nn.Module.__getattr__ would type them Tensor | Module)
+    backbone: nn.Module
+    classifier: nn.Module
+
     def __init__(self, backbone: nn.Module, feature_dim: int, head: nn.Module):
         super().__init__()
         self.backbone = backbone
@@ -42,7 +46,8 @@ class MultiHeadNet(IncrementalNet, MultiTaskModule):
     ``avalanche_forward``; the model adaptation adds a head for each new task.
     """
 
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
+    # Avalanche's MultiTaskModule.forward takes the task labels, which IncrementalNet.forward does not.
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:  # type: ignore[override]
         return self.classifier(self.features(x), task_labels)
 
 
@@ -103,6 +108,7 @@ class ResNet(nn.Module):
         last_relu: bool = True,
     ):
         super().__init__()
+        stem: list[nn.Module]
         if small_input:  # 32x32 inputs: 3x3 stem, no max-pool
             stem = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
         else:

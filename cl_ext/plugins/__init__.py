@@ -6,7 +6,9 @@ from cl_ext.plugins.eeil import EEILPlugin
 from cl_ext.plugins.icarl import ICaRLPlugin
 from cl_ext.plugins.il2m import IL2MPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
+from cl_ext.plugins.prototype import PrototypePlugin
 from cl_ext.plugins.slnid import SLNIDPlugin
+from cl_ext.plugins.topic import TOPICPlugin
 from cl_ext.plugins.ucir import UCIRPlugin
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "ExemplarMemoryPlugin",
     "ICaRLPlugin",
     "IL2MPlugin",
+    "PrototypePlugin",
     "SLNIDPlugin",
     "SummedMASPlugin",
+    "TOPICPlugin",
     "UCIRPlugin",
 ]

@@ -51,6 +51,7 @@ from torch.utils.data import TensorDataset
 from cl_ext.context import BuildContext
 from cl_ext.data import tensor_enabled
 from cl_ext.errors import RecipeError
+from cl_ext.losses import soft_cross_entropy
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
@@ -65,17 +66,6 @@ def correct_logits(logits: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
     if end <= start:
         return logits
     return torch.cat([logits[:, :start], alpha * logits[:, start:end] + beta, logits[:, end:]], dim=1)
-
-
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0
-) -> torch.Tensor:
-    """The distillation loss ``-sum_k pi_hat_k log pi_k``, both softmaxes over the classes at ``temperature``.
-
-    Pass the old classes' logits only. No ``T^2`` factor, as in the paper and reference code.
-    """
-    targets = F.softmax(teacher_logits / temperature, dim=1)
-    return -(targets * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
 
 
 def distillation_weight(n_old: int, n_new: int) -> float:
@@ -195,6 +185,10 @@ def fit_bias_correction(
 class BiasLayer(nn.Module):
     """The bias correction ``alpha * o + beta`` on one group of output units; the identity until :meth:`set`."""
 
+    # buffers (nn.Module.__getattr__ would type them Tensor | Module)
+    alpha: torch.Tensor
+    beta: torch.Tensor
+
     def __init__(self):
         super().__init__()
         self.register_buffer("alpha", torch.ones(()), persistent=False)
@@ -292,7 +286,7 @@ class BiCPlugin(SupervisedPlugin):
         n_old = self.n_seen
         with torch.no_grad():
             teacher_logits = self.teacher(strategy.mb_x)[:, :n_old]
-        kd = distillation_loss(strategy.mb_output[:, :n_old], teacher_logits, self.temperature)
+        kd = soft_cross_entropy(strategy.mb_output[:, :n_old], teacher_logits, self.temperature)
         weight = distillation_weight(n_old, self.group[1] - self.group[0])
         # Recorded from a detached copy: a product that only the error message reads needs no autograd node.
         record_loss_terms(strategy, weighted_distillation=weight * kd.detach())
@@ -414,6 +408,7 @@ def build_bic(
             "plugin 'bic' needs strategy.memory: its validation set is carved out of the exemplar memory "
             "(e.g. strategy.name: replay, strategy.memory: {size: 2000, selection: herding})"
         )
+    assert ctx.model is not None, "the runner builds the model before the plugins"
     return BiCPlugin(
         ctx.model,
         ctx.memory,

@@ -18,16 +18,19 @@ bare model.
 from __future__ import annotations
 
 from functools import partial
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
+
+T = TypeVar("T", bound=nn.Module)
 
 
 def _apply_transform(name: str, module: nn.Module, args, output):
     return getattr(module, name)(output)
 
 
-def attach_output_transform(model: nn.Module, name: str, transform: nn.Module) -> nn.Module:
+def attach_output_transform(model: nn.Module, name: str, transform: T) -> T:
     """Register ``transform`` as ``model.<name>`` and apply it to the model's output.
 
     Attaching twice under one name returns the transform already there (same type), so a
@@ -37,7 +40,7 @@ def attach_output_transform(model: nn.Module, name: str, transform: nn.Module) -
     if existing is not None:
         if type(existing) is not type(transform):
             raise ValueError(f"{type(model).__name__}.{name} is already a {type(existing).__name__}")
-        return existing
+        return cast(T, existing)  # of transform's type, checked above
     if hasattr(model, name):
         raise ValueError(f"{type(model).__name__} already has an attribute {name!r}")
     parameter = next(model.parameters(), None)

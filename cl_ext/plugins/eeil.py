@@ -41,21 +41,12 @@ from torch import nn
 from cl_ext.context import BuildContext
 from cl_ext.data import attribute, tensor_enabled
 from cl_ext.errors import RecipeError
+from cl_ext.losses import soft_cross_entropy
 from cl_ext.memory import ExemplarMemory, herding_order
 from cl_ext.registry import register
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
 # -- losses ----------------------------------------------------------------------------
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Distillation term of one step: ``-mean_i sum_j p_ij log q_ij`` at temperature T.
-
-    No ``T**2`` factor: the paper's loss (and the authors' ``vl_nnsoftmaxdiff``) has none.
-    Logits of shape (N, steps, units) give one term per step, over the last dimension.
-    """
-    target = F.softmax(teacher_logits / temperature, dim=-1)
-    return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean(0)
 
 
 class StepUnits:
@@ -359,6 +350,7 @@ class EEILPlugin(SupervisedPlugin):
         self._old_exemplars = None
 
     def _balanced_finetuning(self, strategy) -> None:
+        assert self.finetune is not None, "after_training_exp fine-tunes only with a schedule"
         model, device = strategy.model, strategy.device
         data = balanced_dataset(
             self._old_exemplars,

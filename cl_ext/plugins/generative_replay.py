@@ -124,6 +124,8 @@ class GenerativeReplayPlugin(SupervisedPlugin):
 
     def replay_batch(self, n: int, task_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` samples of the previous generator and the previous solver's labels for them."""
+        if self.old_generator is None or self.old_solver is None:
+            raise RuntimeError("replay before the first experience was learned")
         x = self.old_generator.sample(n)
         with torch.no_grad():
             labels = avalanche_forward(self.old_solver, x, task_labels[:1].expand(n))[:, : self.n_seen].argmax(1)

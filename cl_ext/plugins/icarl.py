@@ -26,7 +26,7 @@ loss; there is no cross-entropy beside it) and puts the original back afterwards
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ def icarl_targets(
     classes' units (``old_units``), which get the teacher's sigmoid outputs ``q_i^y``."""
     targets = F.one_hot(labels.long(), n_units).to(torch.float32)
     if old_units is not None and len(old_units):
+        assert teacher_logits is not None, "old classes' targets need the teacher's logits"
         targets[:, old_units] = torch.sigmoid(teacher_logits[:, old_units].float())
     return targets
 
@@ -146,7 +147,13 @@ def build_icarl(
             "plugin 'icarl' rehearses exemplars: set strategy.memory (the paper keeps {size: 2000, selection: herding})"
         )
     if all_class_units:
-        if not isinstance(getattr(ctx.model, "classifier", None), nn.Module) or not hasattr(ctx.model, "feature_dim"):
+        model = ctx.model
+        if (
+            model is None
+            or not isinstance(getattr(model, "classifier", None), nn.Module)
+            or not hasattr(model, "feature_dim")
+        ):
             raise RecipeError("plugin 'icarl' with all_class_units needs a cl-ext model (features and classifier)")
-        ctx.model.classifier = linear_head(ctx.model.feature_dim, ctx.info.n_classes)
+        # nn.Module.__getattr__ types any attribute Tensor | Module; a cl-ext model's feature_dim is an int.
+        model.classifier = linear_head(cast(int, model.feature_dim), ctx.info.n_classes)
     return ICaRLPlugin()

@@ -129,6 +129,8 @@ RECTIFY = {"logits": rectify_logits, "softmax": rectify_softmax}
 class ScoreRectifier(nn.Module):
     """Applies IL2M's rectification with the current factors; passes logits through when it has none."""
 
+    scale: torch.Tensor  # a buffer (nn.Module.__getattr__ would type it Tensor | Module)
+
     def __init__(self, scores: Scores = "softmax"):
         super().__init__()
         if scores not in RECTIFY:
@@ -269,4 +271,5 @@ def build_il2m(
             "plugin 'il2m' needs strategy.memory: it measures old classes on their exemplars "
             "(e.g. strategy.name: replay, strategy.memory: {size: 2000, selection: herding})"
         )
+    assert ctx.model is not None, "the runner builds the model before the plugins"
     return IL2MPlugin(ctx.model, ctx.memory, scores=scores, batch_size=ctx.recipe.strategy.eval_batch_size)

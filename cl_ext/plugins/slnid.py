@@ -172,6 +172,7 @@ class SLNIDPlugin(SupervisedPlugin):
 
     # hooks on the model ----------------------------------------------------------------
     def _select(self, model: nn.Module) -> dict[str, nn.Module]:
+        chosen: dict[str, nn.Module]
         if self.layers is None:
             chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
         else:

@@ -236,6 +236,7 @@ class UCIRPlugin(SupervisedPlugin):
     # -- parts ---------------------------------------------------------------------------
     def _head_features(self, model: nn.Module, dataset, device, tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Features entering the cosine head for ``dataset`` (eval mode, eval transforms)."""
+        assert self.head is not None, "before_training sets the cosine head"
         head_input = _RunToHead(model, self.head)
         try:
             return extract_features(model, dataset, device, lambda m, x: head_input(x), tensor=tensor)
@@ -250,6 +251,8 @@ class UCIRPlugin(SupervisedPlugin):
         less-forget term is left out: with a frozen backbone it is a constant.
         """
         model, head = strategy.model, self.head
+        assert head is not None, "before_training sets the cosine head"
+        assert self.memory is not None, "__init__ refuses cb_finetune without a memory"
         head.weight_old.requires_grad_(True)
         head_input = _RunToHead(model, head)
 
@@ -336,6 +339,7 @@ def build_ucir(
             "plugin 'ucir' rehearses exemplars: set strategy.memory (the paper keeps "
             "{per_class: 20, selection: herding})"
         )
+    assert ctx.model is not None, "the runner builds the model before the plugins"
     use_cosine_head(ctx.model)
     strategy = ctx.recipe.strategy
     schedule = PhaseSchedule(
