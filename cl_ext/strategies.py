@@ -228,7 +228,11 @@ def build_packnet(
     ] = 0.5,
     post_prune_epochs: Annotated[
         int,
-        Field(ge=0, description="epochs of retraining the kept weights after pruning, within strategy.epochs"),
+        Field(
+            ge=1,
+            description="epochs of retraining the kept weights after pruning, the last of strategy.epochs "
+            "(the authors' default 0 skips it; Avalanche's plugin prunes only before an epoch)",
+        ),
     ] = 1,
 ) -> Naive:
     """PackNet (Mallya & Lazebnik 2018): per-task weight masks by iterative pruning; needs a multihead mlp."""
