@@ -312,6 +312,11 @@ def build_experiment(recipe: Recipe, run_dir: Path | None = None) -> Experiment:
         loggers = [registry.build("logger", lg.name, ctx, lg.options) for lg in recipe.evaluation.loggers]
     ctx.evaluator = ListenedEvaluationPlugin(*metrics, loggers=loggers)
     strategy = registry.build("strategy", recipe.strategy.name, ctx, recipe.strategy.options)
+    # A strategy's own plugins with a summary (PackNet's capacity, PNN's columns) report it too.
+    for plugin in strategy.plugins:
+        name = getattr(plugin, "summary_name", None)
+        if name is not None and name not in named_plugins:
+            named_plugins[name] = plugin
     # Last, after the strategy's own regularisers (MAS, EWC, ...): the guard sees the whole loss.
     guard = NonFiniteLossGuard(recipe.strategy.nonfinite_loss)
     epoch_checkpoints = EpochCheckpointPlugin(recipe.output.checkpoint_every_epochs if recipe.output.checkpoint else 0)

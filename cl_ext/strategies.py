@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, cast
 
 import torch
+from avalanche.models import MultiTaskModule
+from avalanche.models.pnn import PNN
 from avalanche.training import (
     AGEM,
     EWC,
@@ -23,11 +25,15 @@ from avalanche.training import (
     SynapticIntelligence,
 )
 from avalanche.training.supervised.cumulative import Cumulative
+from avalanche.training.supervised.strategy_wrappers import PNNStrategy
 from pydantic import Field
 
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
+from cl_ext.models.pnn import ColumnReportPlugin
+from cl_ext.plugins.generative_replay import VAE, GenerativeReplayPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
+from cl_ext.plugins.packnet import PackNetCapacityPlugin, PackNetNet
 from cl_ext.registry import register
 
 
@@ -198,3 +204,111 @@ def build_avalanche_icarl(ctx: BuildContext) -> ICaRL:
 
 # mypy has no notion of attributes set on a function; the runner reads this one with getattr.
 build_avalanche_icarl.owns_memory = True  # type: ignore[attr-defined]
+
+
+def _needs_task_labels(ctx: BuildContext, name: str) -> None:
+    if not ctx.info.task_incremental:
+        raise RecipeError(
+            f"strategy {name!r} selects each task's parameters by its task label; benchmark {ctx.info.name!r} "
+            "has none (use permuted_mnist, or task_labels: true on split_mnist or digits)"
+        )
+
+
+@register("strategy", "packnet")
+def build_packnet(
+    ctx: BuildContext,
+    prune_proportion: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="share of a task's trainable weights freed for later tasks after its training "
+            "(paper: 0.5 or 0.75 per layer)",
+        ),
+    ] = 0.5,
+    post_prune_epochs: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="epochs of retraining the kept weights after pruning, the last of strategy.epochs "
+            "(the authors' default 0 skips it; Avalanche's plugin prunes only before an epoch)",
+        ),
+    ] = 1,
+) -> Naive:
+    """PackNet (Mallya & Lazebnik 2018): per-task weight masks by iterative pruning; needs a multihead mlp."""
+    model = ctx.model
+    if not isinstance(model, MultiTaskModule) or not hasattr(model, "backbone"):
+        raise RecipeError("strategy 'packnet' needs a model with a head per task: model mlp with multihead: true")
+    _needs_task_labels(ctx, "packnet")
+    if ctx.recipe.strategy.optimizer.weight_decay:
+        raise RecipeError(
+            "strategy.optimizer.weight_decay: packnet freezes earlier tasks' weights, which weight decay would "
+            "shrink; set it to 0 (the authors' default)"
+        )
+    if post_prune_epochs >= ctx.recipe.strategy.epochs:
+        raise RecipeError(
+            f"strategy.options.post_prune_epochs: {post_prune_epochs} must be below strategy.epochs "
+            f"({ctx.recipe.strategy.epochs}): pruning comes after the first epochs - post_prune_epochs epochs"
+        )
+    try:
+        # The same parameter objects, so the optimizer the runner made still holds them.
+        packed = PackNetNet(model.backbone, model.classifier, model.feature_dim)
+    except ValueError as err:  # Avalanche's wrap: batch norm and other layers it cannot mask
+        raise RecipeError(f"model: strategy 'packnet' cannot mask this model's layers: {err}") from None
+    ctx.model = packed
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], PackNetCapacityPlugin(post_prune_epochs, prune_proportion)]
+    return Naive(model=packed, criterion=_criterion(), **kwargs)
+
+
+@register("strategy", "pnn")
+def build_pnn(ctx: BuildContext) -> PNNStrategy:
+    """Progressive neural networks (Rusu et al. 2016): a frozen column per task; needs model pnn."""
+    if not isinstance(ctx.model, PNN):
+        raise RecipeError("strategy 'pnn' needs model.name: pnn (its columns are the method)")
+    _needs_task_labels(ctx, "pnn")
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], ColumnReportPlugin(ctx.model)]
+    return PNNStrategy(model=ctx.model, criterion=_criterion(), **kwargs)
+
+
+@register("strategy", "generative_replay")
+def build_generative_replay(
+    ctx: BuildContext,
+    new_task_weight: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="r of Eq. 1: weight of the new data's loss, 1 - r of the replayed samples' (solver and "
+            "generator; kuc2477's DGR code: 0.5)",
+        ),
+    ] = 0.5,
+    generator_hidden: Annotated[
+        int, Field(ge=1, description="hidden units of the VAE's encoder and decoder (Avalanche's VAE: 400)")
+    ] = 400,
+    latent_dim: Annotated[int, Field(ge=1, description="latent dimensions of the VAE (Avalanche's VAE: 2)")] = 32,
+    generator_epochs: Annotated[
+        int, Field(ge=1, description="epochs of generator training per experience, after the solver's")
+    ] = 10,
+    generator_lr: Annotated[
+        float, Field(gt=0, description="Adam learning rate of the generator (kuc2477's DGR code: 1e-3)")
+    ] = 1e-3,
+) -> Naive:
+    """Deep generative replay (Shin et al. 2017): a VAE, trained continually, replays old classes labelled by the previous solver."""
+    if ctx.info.task_incremental:
+        raise RecipeError(
+            f"strategy 'generative_replay' is class-incremental (one head, no task labels); benchmark "
+            f"{ctx.info.name!r} has task labels"
+        )
+    generator = VAE(ctx.info.input_shape, generator_hidden, latent_dim)
+    plugin = GenerativeReplayPlugin(
+        generator,
+        new_task_weight=new_task_weight,
+        generator_epochs=generator_epochs,
+        generator_lr=generator_lr,
+        batch_size=ctx.recipe.strategy.batch_size,
+    )
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], plugin]
+    return Naive(model=ctx.model, criterion=_criterion(), **kwargs)

@@ -269,6 +269,14 @@ STRATEGIES = {
     "gem": {"patterns_per_exp": 16},
     "agem": {"patterns_per_exp": 16, "sample_size": 16},
     "avalanche_icarl": {},
+    "generative_replay": {"generator_hidden": 16, "latent_dim": 4, "generator_epochs": 1},
+    "packnet": {"post_prune_epochs": 1},
+    "pnn": {},
+}
+# The task-incremental strategies' recipes: task labels, a head per task (PackNet: two epochs, one after pruning).
+TASK_INCREMENTAL = {
+    "packnet": {"model": {"name": "mlp", "options": {"hidden": [32], "multihead": True}}, "epochs": 2},
+    "pnn": {"model": {"name": "pnn", "options": {"width": 8}}, "epochs": 1},
 }
 
 
@@ -294,6 +302,10 @@ def test_every_registered_strategy_trains_and_evaluates_on_the_tensor_path(tiny_
             "strategy": {**tiny_recipe_data["strategy"], "name": name, "epochs": 1, "options": options},
         }
         data["benchmark"] = {"name": "digits", "options": {"classes_per_exp": 5}}
+        if name in TASK_INCREMENTAL:
+            data["benchmark"]["options"]["task_labels"] = True
+            data["model"] = TASK_INCREMENTAL[name]["model"]
+            data["strategy"]["epochs"] = TASK_INCREMENTAL[name]["epochs"]
         if name not in ("replay", "avalanche_icarl"):
             data["strategy"]["memory"] = None
         if name == "avalanche_icarl":

@@ -245,23 +245,36 @@ def test_strategies_with_unsaved_state_refuse_to_resume(tmp_path, tiny_recipe_da
         resume_experiment(run_dir)
 
 
+TASK_LABELS = {"benchmark": {"name": "digits", "options": {"classes_per_exp": 2, "task_labels": True}}}
+
+
 @pytest.mark.parametrize(
-    "strategy, options",
+    "strategy, options, changes",
     [
-        ("ewc", {"ewc_lambda": 100.0}),
-        ("lwf", {}),
-        ("si", {}),
-        ("naive", {}),
-        ("mas", {"accumulate": "sum"}),
+        ("ewc", {"ewc_lambda": 100.0}, {}),
+        ("lwf", {}, {}),
+        ("si", {}, {}),
+        ("naive", {}, {}),
+        ("mas", {"accumulate": "sum"}, {}),
+        (
+            "packnet",
+            {"post_prune_epochs": 1},
+            {**TASK_LABELS, "model": {"name": "mlp", "options": {"multihead": True}}},
+        ),
+        ("pnn", {}, {**TASK_LABELS, "model": {"name": "pnn", "options": {"width": 8}}}),
+        ("generative_replay", {"generator_hidden": 16, "latent_dim": 4, "generator_epochs": 1}, {}),
     ],
 )
-def test_avalanche_regularisers_resume_exactly(strategy, options, tmp_path, monkeypatch):
+def test_avalanche_regularisers_resume_exactly(strategy, options, changes, tmp_path, monkeypatch):
     """EWC's Fisher information, LwF's previous model, SI's path integrals and the summed MAS
     importance go through cl-ext's adapters; the summed MAS runs with reset_optimizer, whose
-    resumed experience must start from the same empty optimizer state."""
+    resumed experience must start from the same empty optimizer state. PackNet's masks and
+    PNN's columns are the model's (PNN's grow again as Avalanche adapts the model to the
+    finished experiences); generative replay's generator and its Adam state are its plugin's."""
     import cl_ext.runner as runner
 
     data = _base()
+    data.update(copy.deepcopy(changes))
     data["strategy"].update(name=strategy, memory=None, options=options, reset_optimizer=strategy == "mas")
     reference = reference_run(data, tmp_path / "reference")
     save, saves = runner.save_checkpoint, []

@@ -133,13 +133,16 @@ def class_incremental(
     shots: int | None = None,
     shot_seed: int = 0,
     source_rows: torch.Tensor | None = None,
+    task_labels: bool = False,
 ) -> BenchmarkBundle:
     """A class-incremental Avalanche stream without task labels, labels remapped to learning order.
 
     ``shots``: few-shot class-incremental learning (Tao et al., CVPR 2020): the classes after
     the first experience keep only ``shots`` training images each, drawn with ``shot_seed``;
     the test set is untouched (all test images of every seen class). ``source_rows``: the row
-    of the source arrays each training sample came from, so the recorded shots name them."""
+    of the source arrays each training sample came from, so the recorded shots name them.
+    ``task_labels``: task-incremental instead, experience ``t`` has task label ``t`` and its
+    classes are numbered 0..k-1 within it (a head per task)."""
     order = resolve_class_order(class_order, n_classes, order_seed)
     sizes = split_sizes(n_classes, first_exp_classes, classes_per_exp)
     shot_rows = None
@@ -154,10 +157,11 @@ def class_incremental(
         with_sample_ids(train),
         with_sample_ids(test),
         n_experiences=len(sizes),
-        task_labels=False,
+        task_labels=task_labels,
         fixed_class_order=order,
         per_exp_classes={0: sizes[0]},
-        class_ids_from_zero_from_first_exp=True,
+        class_ids_from_zero_from_first_exp=not task_labels,
+        class_ids_from_zero_in_each_exp=task_labels,
         train_transform=train_transform,
         eval_transform=eval_transform,
     )
@@ -169,6 +173,7 @@ def class_incremental(
         class_order=order,
         classes_per_exp=sizes,
         class_names=[class_names[c] for c in order] if class_names else None,
+        task_incremental=task_labels,
         shots=shots,
         shot_rows=shot_rows,
     )

@@ -42,6 +42,13 @@ Shots = Annotated[
 ]
 Root = Annotated[str, Field(description="folder holding the dataset's .npz, or torchvision's files")]
 Download = Annotated[bool, Field(description="let torchvision download the dataset when it is not under root")]
+TaskLabels = Annotated[
+    bool,
+    Field(
+        description="task-incremental: experience t carries task label t and numbers its classes 0..k-1 "
+        "(for a head per task: mlp multihead, packnet, pnn)"
+    ),
+]
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -148,6 +155,7 @@ def _arrays_bundle(
     class_order_seed,
     train_per_class,
     shots=None,
+    task_labels=False,
 ) -> BenchmarkBundle:
     x_train, x_test = images_to_tensor(data["x_train"]), images_to_tensor(data["x_test"])
     y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
@@ -176,6 +184,7 @@ def _arrays_bundle(
         shots=shots,
         shot_seed=ctx.recipe.seed,
         source_rows=keep,
+        task_labels=task_labels,
     )
 
 
@@ -190,6 +199,7 @@ def build_digits(
         float, Field(gt=0, lt=1, description="share of each class held out as the test set")
     ] = 0.3,
     shots: Shots = None,
+    task_labels: TaskLabels = False,
 ) -> BenchmarkBundle:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); embedded, works offline."""
     from sklearn.datasets import load_digits
@@ -223,6 +233,7 @@ def build_digits(
         shots=shots,
         shot_seed=0 if shots is None else ctx.recipe.seed,  # builds without a recipe (users' scripts) draw no shots
         source_rows=torch.nonzero(~is_test).flatten(),
+        task_labels=task_labels,
     )
 
 
@@ -295,6 +306,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
         class_order_seed: OrderSeed = None,
         train_per_class: PerClass = None,
         shots: Shots = None,
+        task_labels: TaskLabels = False,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, name, npz_name)
         return _arrays_bundle(
@@ -309,6 +321,7 @@ def _torchvision_benchmark(name, dataset_cls, npz_name, stats, augment):
             class_order_seed=class_order_seed,
             train_per_class=train_per_class,
             shots=shots,
+            task_labels=task_labels,
         )
 
     return build
