@@ -398,8 +398,10 @@ def figure_old_new(run: RunData) -> MplFigure:
 # -- plugin summaries -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class KnownSeries:
-    """Per-step values of a known kind (matched by key, whatever the plugin is called)."""
+    """Per-step values a plugin asks to be plotted: its summary's ``"figures"`` list holds one dict
+    with these fields per plot (plain data in metrics.json, so the report needs no plugin code)."""
 
+    table: str  # the summary key of the per-step records
     keys: tuple[str, ...]
     title: str
     ylabel: str
@@ -408,27 +410,17 @@ class KnownSeries:
     neutral: tuple[float, ...]  # the values that mean "no correction", drawn as dotted lines
 
 
-KNOWN_SERIES = (
-    KnownSeries(
-        ("alpha", "beta"),
-        "bias correction learned at each step",
-        "value",
-        ("α (scale of the new classes' logits)", "β (offset of the new classes' logits)"),
-        "Bias correction (Wu et al., CVPR 2019): after each step the logits o of the classes new at "
-        "that step become α·o + β, fitted on held-out exemplars; α = 1, β = 0 is no correction, "
-        "α < 1 or β < 0 pulls predictions back towards the old classes.",
-        (1.0, 0.0),
-    ),
-    KnownSeries(
-        ("scale_min", "scale_mean", "scale_max"),
-        "rescaling of old-class scores at each step",
-        "factor",
-        ("smallest factor", "mean factor", "largest factor"),
-        "Score rectification (Belouadah & Popescu, ICCV 2019): old-class scores are multiplied by "
-        "these factors when a prediction falls in a new class; 1 is no change.",
-        (1.0,),
-    ),
-)
+FIGURES_KEY = "figures"
+
+
+def declared_series(name: str, summary: dict[str, Any]) -> list[KnownSeries]:
+    try:
+        return [
+            KnownSeries(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+            for spec in summary.get(FIGURES_KEY, [])
+        ]
+    except TypeError as err:
+        raise ReportError(f"plugin {name}: its summary's {FIGURES_KEY!r} entry is not a figure spec: {err}") from err
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -447,6 +439,8 @@ def plugin_step_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], li
     """Lists of per-step records in a plugin summary as tables: key -> (columns, rows)."""
     tables = {}
     for key, value in summary.items():
+        if key == FIGURES_KEY:
+            continue
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             records = [flatten(v) for v in value]
             columns = list(dict.fromkeys(k for r in records for k in r))
@@ -488,7 +482,7 @@ def plugin_blocks(run: RunData, name: str, summary: dict[str, Any], figure_prefi
         for k, v in summary.items()
         if isinstance(v, list) and 1 < len(v) == run.n_steps and all(_is_number(x) or x is None for x in v)
     }
-    settings = flatten({k: v for k, v in summary.items() if k not in tables and k not in per_step})
+    settings = flatten({k: v for k, v in summary.items() if k not in tables and k not in per_step and k != FIGURES_KEY})
     if settings:
         blocks.append(
             Table(
@@ -505,8 +499,9 @@ def plugin_blocks(run: RunData, name: str, summary: dict[str, Any], figure_prefi
                 caption=f"{name}: values per step",
             )
         )
+    series = declared_series(name, summary)
     for key, (columns, rows) in tables.items():
-        for known in KNOWN_SERIES:
+        for known in (s for s in series if s.table == key):
             if all(
                 k in columns and all(_is_number(r[columns.index(k)]) or r[columns.index(k)] is None for r in rows)
                 for k in known.keys

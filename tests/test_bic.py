@@ -379,6 +379,10 @@ def test_summary_and_state_round_trip(bic_run):
     summary = plugin.summary()
     assert [s["units"] for s in summary["steps"]] == [[2, 4], [4, 6]]
     assert summary["steps"][-1]["validation_size"] == 6
+    # The report plots what the summary declares: the declared keys are in every step's record.
+    (figure,) = summary["figures"]
+    assert figure["table"] == "steps" and all({"alpha", "beta"} <= set(s) for s in summary["steps"])
+    assert figure["keys"] == ["alpha", "beta"] and figure["neutral"] == [1.0, 0.0]
     clone = BiCPlugin(nn.Linear(2, 6), ExemplarMemory(size=60))
     clone.load_state_dict(plugin.state_dict())
     assert clone.n_seen == 6 and (clone.bias_layer.start, clone.bias_layer.end) == (4, 6)

@@ -210,6 +210,9 @@ def test_summary_and_state_round_trip(il2m_run):
     summary = plugin.summary()
     assert [s["old_classes"] for s in summary["steps"]] == [2, 4]
     assert len(summary["init_mean_score"]) == 6
+    # The report plots what the summary declares: the declared keys are in every step's record.
+    (figure,) = summary["figures"]
+    assert all(set(figure["keys"]) <= set(s) for s in summary[figure["table"]])
     model = nn.Linear(2, 6)
     clone = IL2MPlugin(model, ExemplarMemory(size=60), scores=plugin.rectifier.scores)
     clone.load_state_dict(plugin.state_dict())

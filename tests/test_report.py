@@ -40,7 +40,17 @@ METRICS = {
     "wall_time_per_exp": [1.5, 2.0, 121.5],
     "total_wall_time": 125.0,
 }
+BIAS_FIGURE = {  # as BiC's summary declares it in metrics.json
+    "table": "steps",
+    "keys": ["alpha", "beta"],
+    "title": "bias correction learned at each step",
+    "ylabel": "value",
+    "labels": ["α (scale of the new classes' logits)", "β (offset of the new classes' logits)"],
+    "note": "after each step the logits o of the new classes become α·o + β",
+    "neutral": [1.0, 0.0],
+}
 BIC = {
+    "figures": [BIAS_FIGURE],
     "validation_fraction": 0.1,
     "confidence_per_step": [0.9, 0.8, 0.75],
     "steps": [
@@ -141,13 +151,18 @@ def test_figures_have_titles_units_and_method_legends(two_runs):
     np.testing.assert_allclose(right.lines[1].get_ydata(), [100.0, 50.0, 100 / 3])
 
     columns, rows = rp.plugin_step_tables(BIC)["steps"]
-    ax = rp.figure_known_series(runs[1], "bic", rp.KNOWN_SERIES[0], columns, rows).axes[0]
+    ax = rp.figure_known_series(runs[1], "bic", rp.declared_series("bic", BIC)[0], columns, rows).axes[0]
     assert ax.get_title() == "bic: bias correction learned at each step"
     assert list(ax.lines[0].get_xdata()) == [1, 2] and list(ax.lines[1].get_ydata()) == [-0.5, -0.9]
     assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == [
         "β (offset of the new classes' logits)",
         "no correction",
     ]
+
+
+def test_a_malformed_figure_declaration_names_the_plugin():
+    with pytest.raises(rp.ReportError, match="plugin bic: its summary's 'figures' entry is not a figure spec"):
+        rp.declared_series("bic", {"figures": [{"table": "steps", "keys": ["alpha"]}]})
 
 
 def test_single_run_report_sections(two_runs):

@@ -57,6 +57,19 @@ from cl_ext.plugins.correction import attach_output_transform, newest_classes, o
 from cl_ext.registry import register
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
+# The report's plot of the learned correction (cl_ext.report.KnownSeries, as data in metrics.json).
+BIAS_FIGURE = {
+    "table": "steps",
+    "keys": ["alpha", "beta"],
+    "title": "bias correction learned at each step",
+    "ylabel": "value",
+    "labels": ["α (scale of the new classes' logits)", "β (offset of the new classes' logits)"],
+    "note": "Bias correction (Wu et al., CVPR 2019): after each step the logits o of the classes new at that step "
+    "become α·o + β, fitted on held-out exemplars; α = 1, β = 0 is no correction, α < 1 or β < 0 pulls "
+    "predictions back towards the old classes.",
+    "neutral": [1.0, 0.0],
+}
+
 BatchNormMode = Literal["train", "eval"]
 
 
@@ -349,7 +362,7 @@ class BiCPlugin(SupervisedPlugin):
 
     # -- reporting and persistence ---------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        return {"validation_fraction": self.memory.holdout, "steps": self.history}
+        return {"validation_fraction": self.memory.holdout, "steps": self.history, "figures": [BIAS_FIGURE]}
 
     def state_dict(self) -> dict[str, Any]:
         layer = self.bias_layer

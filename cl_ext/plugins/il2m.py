@@ -55,6 +55,18 @@ from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
 from cl_ext.registry import register
 
+# The report's plot of the rescaling factors (cl_ext.report.KnownSeries, as data in metrics.json).
+RESCALING_FIGURE = {
+    "table": "steps",
+    "keys": ["scale_min", "scale_mean", "scale_max"],
+    "title": "rescaling of old-class scores at each step",
+    "ylabel": "factor",
+    "labels": ["smallest factor", "mean factor", "largest factor"],
+    "note": "Score rectification (Belouadah & Popescu, ICCV 2019): old-class scores are multiplied by these "
+    "factors when a prediction falls in a new class; 1 is no change.",
+    "neutral": [1.0],
+}
+
 Scores = Literal["logits", "softmax"]
 
 
@@ -229,6 +241,7 @@ class IL2MPlugin(SupervisedPlugin):
             "confidence_per_step": self.confidence,
             "init_mean_score": self.init_mean.tolist(),
             "steps": self.history,
+            "figures": [RESCALING_FIGURE],
         }
 
     def state_dict(self) -> dict[str, Any]:
