@@ -415,10 +415,11 @@ FIGURES_KEY = "figures"
 
 def declared_series(name: str, summary: dict[str, Any]) -> list[KnownSeries]:
     try:
-        return [
-            KnownSeries(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
-            for spec in summary.get(FIGURES_KEY, [])
+        specs: list[dict[str, Any]] = summary.get(FIGURES_KEY, [])
+        fields: list[dict[str, Any]] = [
+            {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()} for s in specs
         ]
+        return [KnownSeries(**f) for f in fields]
     except TypeError as err:
         raise ReportError(f"plugin {name}: its summary's {FIGURES_KEY!r} entry is not a figure spec: {err}") from err
 

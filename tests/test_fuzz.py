@@ -277,7 +277,8 @@ def _arrays(draw) -> dict[str, np.ndarray]:
         if spoil in ("channels first", "flat images", "test size") and (out[x].ndim != 4 or out["x_test"].ndim != 4):
             continue  # one change of shape per array: the others need the (N, H, W, C) layout
         if spoil == "x dtype":
-            out[x] = out[x].astype(draw(st.sampled_from([np.int16, np.int64, np.bool_, np.float16])))
+            with np.errstate(invalid="ignore"):  # a NaN spoiled earlier casts to garbage on purpose
+                out[x] = out[x].astype(draw(st.sampled_from([np.int16, np.int64, np.bool_, np.float16])))
         elif spoil == "y dtype":
             out[y] = out[y].astype(draw(st.sampled_from([np.float64, np.bool_, np.float32]))) + 0.5
         elif spoil == "channels first":
