@@ -15,6 +15,7 @@ from cl_ext.config import validate_recipe
 from cl_ext.memory import ExemplarMemory
 from cl_ext.plugins import bic as bic_module
 from cl_ext.plugins.bic import (
+    BiasLayer,
     BiCPlugin,
     correct_logits,
     distillation_weight,
@@ -25,6 +26,7 @@ from cl_ext.plugins.bic import (
     stage2_loss,
     validation_logits,
 )
+from cl_ext.plugins.correction import attach_output_transform, detach_output_transform
 from cl_ext.runner import build_experiment
 from cl_ext.training import PhaseSchedule
 
@@ -397,3 +399,19 @@ def test_bic_needs_a_memory():
     recipe.strategy.memory = None
     with pytest.raises(RecipeError, match="needs strategy.memory"):
         build_experiment(recipe)
+
+
+def test_the_correction_comes_off_the_model_and_stays_on_its_copies():
+    model = nn.Linear(2, 4)
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    raw = model(x).detach()
+    layer = attach_output_transform(model, "bic_bias", BiasLayer())
+    layer.set(0.5, -1.0, 2, 4)
+    corrected = model(x).detach()
+    assert torch.equal(corrected[:, :2], raw[:, :2])
+    assert torch.allclose(corrected[:, 2:], 0.5 * raw[:, 2:] - 1.0)
+    teacher = copy.deepcopy(model)
+    assert detach_output_transform(model, "bic_bias") is layer
+    assert torch.equal(model(x), raw) and not hasattr(model, "bic_bias") and not model._forward_hooks
+    assert torch.equal(teacher(x), corrected)  # the copy keeps its own transform and hook
+    assert detach_output_transform(model, "bic_bias") is None  # nothing left to take off

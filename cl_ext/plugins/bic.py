@@ -53,7 +53,12 @@ from cl_ext.data import tensor_enabled
 from cl_ext.errors import RecipeError
 from cl_ext.losses import soft_cross_entropy
 from cl_ext.memory import ExemplarMemory, extract_features
-from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
+from cl_ext.plugins.correction import (
+    attach_output_transform,
+    detach_output_transform,
+    newest_classes,
+    output_logits,
+)
 from cl_ext.registry import register
 from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
 
@@ -361,6 +366,10 @@ class BiCPlugin(SupervisedPlugin):
         )
 
     # -- reporting and persistence ---------------------------------------------------------
+    def detach(self) -> None:
+        """Take the bias correction off the model (it then outputs its raw logits again)."""
+        detach_output_transform(self.model, "bic_bias")
+
     def summary(self) -> dict[str, Any]:
         return {"validation_fraction": self.memory.holdout, "steps": self.history, "figures": [BIAS_FIGURE]}
 

@@ -51,6 +51,22 @@ def attach_output_transform(model: nn.Module, name: str, transform: T) -> T:
     return transform
 
 
+def detach_output_transform(model: nn.Module, name: str) -> nn.Module | None:
+    """Undo :func:`attach_output_transform`: the model outputs what it did before; returns the transform.
+
+    The hook is found by what it is (not by a handle kept aside), so this works on a deep copy
+    of the model too.
+    """
+    hooks = [
+        key
+        for key, hook in model._forward_hooks.items()
+        if isinstance(hook, partial) and hook.func is _apply_transform and hook.args == (name,)
+    ]
+    for key in hooks:
+        del model._forward_hooks[key]
+    return model._modules.pop(name, None)
+
+
 def newest_classes(experience, n_seen: int, method: str) -> tuple[int, int]:
     """The output units ``[start, end)`` of ``experience``'s classes, which must follow the ``n_seen`` known ones.
 

@@ -52,7 +52,12 @@ from cl_ext.context import BuildContext
 from cl_ext.data import tensor_enabled
 from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
-from cl_ext.plugins.correction import attach_output_transform, newest_classes, output_logits
+from cl_ext.plugins.correction import (
+    attach_output_transform,
+    detach_output_transform,
+    newest_classes,
+    output_logits,
+)
 from cl_ext.registry import register
 
 # The report's plot of the rescaling factors (cl_ext.report.KnownSeries, as data in metrics.json).
@@ -235,6 +240,10 @@ class IL2MPlugin(SupervisedPlugin):
         return class_scores(logits, self.rectifier.scores), targets.long()
 
     # -- reporting and persistence ---------------------------------------------------------
+    def detach(self) -> None:
+        """Take the score rectification off the model (it then outputs its raw scores again)."""
+        detach_output_transform(self.model, "il2m_rectifier")
+
     def summary(self) -> dict[str, Any]:
         return {
             "scores": self.rectifier.scores,
