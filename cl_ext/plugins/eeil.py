@@ -332,7 +332,7 @@ class EEILPlugin(SupervisedPlugin):
             teacher_logits = self.teacher(strategy.mb_x)
         terms = distillation_terms(strategy.mb_output, teacher_logits, self._distilled, self.temperature)
         record_loss_terms(strategy, **dict(zip(self._term_names, terms.detach().unbind())))
-        strategy.loss = strategy.loss + terms.sum()
+        strategy.loss += terms.sum()
 
     def before_update(self, strategy, **kwargs):
         self._add_noise(strategy.model, self._epoch, len(strategy.mb_y))

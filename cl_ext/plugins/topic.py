@@ -247,7 +247,7 @@ class TOPICPlugin(SupervisedPlugin):
         l_anchor = anchor_loss(self._features(self.anchors.to(strategy.device)), self._previous, variance)
         l_min = min_loss(self._captured, strategy.mb_y - self._first_class, self._new_nodes)
         l_max = max_loss(self._new_nodes, self.margin * self._scale)
-        strategy.loss = strategy.loss + w_anchor * l_anchor + w_min * l_min + w_max * l_max
+        strategy.loss += w_anchor * l_anchor + w_min * l_min + w_max * l_max
         self._terms.append([float(term.detach()) for term in (l_anchor, l_min, l_max)])
         self._node_optimizer.zero_grad()
 
