@@ -43,6 +43,7 @@ from cl_ext.errors import CLExtError, RecipeError
 from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin
 from cl_ext.metrics import IncrementalAccuracy, ListenedEvaluationPlugin
 from cl_ext.progress import phase
+from cl_ext.protocols import Summarized
 from cl_ext.training import NonFiniteLossGuard
 
 CHECKPOINT = "checkpoint.pt"
@@ -450,7 +451,7 @@ def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) ->
     for metric in exp.metrics:
         if metric is not main:
             out[metric.result_key] = metric.results()
-    summaries = {name: plugin.summary() for name, plugin in exp.named_plugins.items() if hasattr(plugin, "summary")}
+    summaries = {name: plugin.summary() for name, plugin in exp.named_plugins.items() if isinstance(plugin, Summarized)}
     if summaries:
         out["plugins"] = summaries
     if exp.guard.skipped:

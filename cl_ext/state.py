@@ -35,6 +35,7 @@ from torch import nn
 
 from cl_ext.metrics import ListenedEvaluationPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
+from cl_ext.protocols import Stateful
 
 
 class NotResumable(Exception):
@@ -211,7 +212,7 @@ def _save_evaluator(plugin: EvaluationPlugin, strategy) -> dict[str, Any]:
     # The metrics are saved by the runner, which knows them; loggers may carry state.
     loggers = {}
     for i, logger in enumerate(plugin.loggers):
-        if hasattr(logger, "state_dict"):
+        if isinstance(logger, Stateful):
             loggers[f"{i}:{type(logger).__name__}"] = logger.state_dict()
     return {"loggers": loggers}
 
@@ -253,7 +254,7 @@ def plugin_states(strategy) -> tuple[dict[str, Any], list[str]]:
                 states[_key(i, plugin)] = adapter[0](plugin, strategy)
             except NotResumable as err:  # a checkpoint still saves the rest; resume will refuse
                 missing.append(f"plugin {type(plugin).__name__}: {err}")
-        elif callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None)):
+        elif isinstance(plugin, Stateful):
             states[_key(i, plugin)] = plugin.state_dict()
         else:
             missing.append(

@@ -30,6 +30,7 @@ COMPONENTS = (
     "cl_ext.randomness",
     "cl_ext.progress",
     "cl_ext.losses",
+    "cl_ext.protocols",
 )
 RULES = [
     (
