@@ -10,6 +10,7 @@ import sys
 import threading
 import warnings
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -308,6 +309,164 @@ def _stopped(err: BaseException, experiment, run_dir: Path, log: RunLog, debug: 
     if isinstance(err, Terminated):
         _fail(message, code=143, label="terminated (SIGTERM)")
     _fail(message, code=130 if interrupted else 1, label="interrupted" if interrupted else "the run stopped")
+
+
+class Executor(StrEnum):
+    auto = "auto"
+    ray = "ray"
+    sequential = "sequential"
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file to run over seeds and grid points.")] = None,
+    seeds: Annotated[
+        str | None, typer.Option(metavar="SEEDS", help="Seeds: a range 0-4, a list 0,2,5, or one seed 3.")
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            "-g",
+            metavar="KEY=[V1,V2]",
+            help=(
+                "Values of a recipe key to sweep (a YAML list), e.g. --grid 'strategy.optimizer.lr=[0.1, 0.01]'. "
+                "Repeatable: the runs are every combination of the grid keys, times every seed."
+            ),
+        ),
+    ] = None,
+    overrides: SetOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Runs at a time on Ray (default: the CPU cores / --threads, or the GPUs / --gpus-per-run)."
+        ),
+    ] = None,
+    executor: Annotated[
+        Executor,
+        typer.Option(
+            help="ray: runs in parallel as Ray tasks; sequential: one after another; auto: Ray when installed."
+        ),
+    ] = Executor.auto,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RAY_ADDRESS",
+            help="Join an existing Ray cluster (e.g. 'auto' or 'ray://head:10001') instead of starting a local one.",
+        ),
+    ] = None,
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="GPUs a run holds on Ray, e.g. 0.5 puts two runs on each GPU (default: 1 for a cuda recipe)."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads of each run's PyTorch (default 1: runs share the cores).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Sweep folder (default: OUTPUT_DIR/sweeps/NAME-TIMESTAMP)."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            metavar="SWEEP_DIR",
+            help="Go on with an interrupted sweep: finished runs are kept, runs with a checkpoint continue, "
+            "the others start.",
+        ),
+    ] = None,
+) -> None:
+    """Run a recipe over several seeds (and a grid of options), each run a `cl-ext run`.
+
+    Every run's recipe is validated first; then the runs go in parallel on Ray (a local
+    instance, or a cluster with --address) or one after another, each in its own process with
+    the lifecycle of `cl-ext run`. The sweep folder holds sweep.json (every run and its state),
+    summary.csv (one row per run), sweep.log and runs/ID/ (each run's folder and output). A
+    failed run is retried once; Ctrl-C stops the runs cleanly. See docs/sweeps.md.
+
+    Examples:
+
+      cl-ext sweep recipes/quickstart.yaml --seeds 0-2
+
+      cl-ext sweep recipes/quickstart.yaml --seeds 0-4 --grid 'strategy.optimizer.lr=[0.1, 0.01]'
+
+      cl-ext sweep recipes/ucir.yaml --seeds 0,1,2 --address auto --gpus-per-run 0.5
+
+      cl-ext sweep --resume runs/sweeps/quickstart-20261201-120000
+
+      cl-ext report runs/sweeps/quickstart-20261201-120000
+    """
+    from cl_ext import sweep as sweeps
+
+    try:
+        if resume is not None:
+            if recipe is not None or seeds or grid or overrides or threads or gpus_per_run is not None or out:
+                _fail(
+                    "--resume SWEEP_DIR goes on with the sweep as it was planned: give no recipe, seeds, grid, "
+                    "--set, --threads, --gpus-per-run or --out with it"
+                )
+            plan = sweeps.resume(resume, on_event=_echo)
+        else:
+            if recipe is None or seeds is None:
+                _fail(
+                    "give a RECIPE and --seeds (e.g. cl-ext sweep recipes/quickstart.yaml --seeds 0-2), "
+                    "or --resume SWEEP_DIR (cl-ext sweep --help)"
+                )
+            plan = sweeps.plan(
+                str(recipe),
+                sweeps.parse_seeds(seeds),
+                sweeps.parse_grid(grid or []),
+                overrides or [],
+                out=None if out is None else str(out),
+                threads=threads or 1,
+                gpus_per_run=gpus_per_run,
+            )
+            plan.on_event = _echo
+            sweeps.create(plan)
+        runner = sweeps.open_executor(plan, executor.value, workers, address)
+    except CLExtError as err:
+        _fail(str(err))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        sweeps.execute(plan, runner)
+    except (KeyboardInterrupt, Terminated) as err:
+        plan.log("stopped; the runs that were going keep their checkpoints")
+        _sweep_table(plan, sweeps)
+        label, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        _fail(f"resume with: cl-ext sweep --resume {plan.path}", code=code, label=label)
+    finally:
+        runner.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    _sweep_table(plan, sweeps)
+    failed = [run for run in plan.runs if run.status == "failed"]
+    if failed:
+        lines = "\n".join(f"  {run.id}: {(run.error or '').splitlines()[-1]}" for run in failed)
+        _fail(
+            f"{len(failed)} of {len(plan.runs)} runs failed (output in {plan.path}/runs/ID/stdout.log):\n{lines}\n"
+            f"after fixing the cause, run them again with: cl-ext sweep --resume {plan.path}",
+            label="failed runs",
+        )
+
+
+def _echo(text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _sweep_table(plan, sweeps) -> None:
+    """Mean +- std of average incremental accuracy per grid point, and where the full report is."""
+    table = Table(title=f"{plan.path.name}: average incremental accuracy (%) over seeds")
+    for column in ("grid point", "seeds finished", "mean", "std"):
+        table.add_column(column, justify="left" if column == "grid point" else "right")
+    for label, runs in plan.points():
+        values = plan.point_aia(runs)
+        mean, std = sweeps.mean_std(values)
+        table.add_row(label, f"{len(values)}/{len(runs)}", _fmt(mean), _fmt(std))
+    console.print(table)
+    console.print(f"results: {plan.path / 'summary.csv'}\nreport: cl-ext report {plan.path}", highlight=False)
 
 
 @app.command()

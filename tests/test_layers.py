@@ -31,14 +31,30 @@ COMPONENTS = (
     "cl_ext.progress",
 )
 RULES = [
-    (COMPONENTS, ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.report", "cl_ext.loggers", "cl_ext.state")),
+    (
+        COMPONENTS,
+        (
+            "cl_ext.cli",
+            "cl_ext.runner",
+            "cl_ext.config",
+            "cl_ext.report",
+            "cl_ext.loggers",
+            "cl_ext.state",
+            "cl_ext.sweep",
+        ),
+    ),
     (
         ("cl_ext.registry", "cl_ext.catalog", "cl_ext.config"),
-        ("cl_ext.cli", "cl_ext.runner", "cl_ext.report", "cl_ext.loggers"),
+        ("cl_ext.cli", "cl_ext.runner", "cl_ext.report", "cl_ext.loggers", "cl_ext.sweep"),
     ),
-    (("cl_ext.runner", "cl_ext.state"), ("cl_ext.cli", "cl_ext.report", "cl_ext.loggers")),
-    (("cl_ext.report",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state")),
-    (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state")),
+    (("cl_ext.runner", "cl_ext.state"), ("cl_ext.cli", "cl_ext.report", "cl_ext.loggers", "cl_ext.sweep")),
+    (
+        ("cl_ext.report",),
+        ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state", "cl_ext.sweep"),
+    ),
+    (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.sweep")),
+    # A sweep runs `cl-ext run` in subprocesses: it never imports the runner (nor torch).
+    (("cl_ext.sweep",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.report", "cl_ext.loggers")),
 ]
 
 
