@@ -196,7 +196,7 @@ def paper_cells(ref: Reference | None) -> tuple[str, str]:
     if ref is None:
         return "n/a", "no reference"
     if ref.average_incremental_accuracy is None:
-        return "n/a", f"{ref.key}: no number ({ref.missing})"
+        return "n/a", f"{ref.key}: no number filed"
     convention = "first step included" if ref.protocol.aia_includes_first_step else "first step excluded"
     return (
         f"{ref.average_incremental_accuracy:.2f} ({ref.protocol.describe()}; {convention})",
@@ -230,6 +230,15 @@ def table(results: dict[str, list[Result]], labels: dict[str, str], references) 
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "The papers' ordering, on the average incremental accuracy (mean over the seeds):", ""]
     lines += [f"- {check.text()}" for check in ordering_checks(aia)]
+    lines += ["", "The references for these methods in `cl_ext.references`:", ""]
+    for ref in references:
+        if ref.method in labels.values():
+            number = (
+                f"{ref.average_incremental_accuracy:.2f}%"
+                if ref.average_incremental_accuracy is not None
+                else f"no number: {ref.missing}"
+            )
+            lines.append(f"- `{ref.key}` ({ref.protocol.describe()}): {number} [{ref.table_citation}]")
     return "\n".join(lines) + "\n"
 
 
@@ -242,6 +251,7 @@ def run_sweep(method: str, args: argparse.Namespace) -> None:
         command = ["sweep", str(recipe_path(method)), "--seeds", args.seeds, "--out", str(out)]
         for text in overrides(method, args.data_root, args.full):
             command += ["--set", text]
+    command += ["--executor", args.executor] + (["--workers", str(args.workers)] if args.workers else [])
     print("cl-ext " + " ".join(command), flush=True)
     subprocess.run([sys.executable, "-m", "cl_ext.cli", *command], cwd=REPO, check=False)
 
@@ -263,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         default=str(REPO.parent / "shared" / "data"),
         help="folder with cifar100.npz or torchvision's CIFAR-100 files (default: the shared subset)",
     )
+    parser.add_argument(
+        "--executor", choices=("auto", "ray", "sequential"), default="auto", help="cl-ext sweep --executor"
+    )
+    parser.add_argument("--workers", type=int, help="runs at a time on Ray (cl-ext sweep --workers)")
     parser.add_argument("--full", action="store_true", help="the recipes' own (the papers') schedules, no reduction")
     parser.add_argument("--table-only", action="store_true", help="run nothing; tabulate the sweeps under --root")
     parser.add_argument("--write-docs", action="store_true", help=f"put the table in {DOCS.relative_to(REPO)}")
