@@ -180,7 +180,8 @@ def build_resnet32(
     ctx: BuildContext,
     last_relu: LastReLU = True,
     blocks: Annotated[
-        int, Field(ge=1, description="blocks per stage: 5 is ResNet-32; fewer make a cheaper CIFAR ResNet (1: ResNet-8)")
+        int,
+        Field(ge=1, description="blocks per stage: 5 is ResNet-32; fewer make a cheaper CIFAR ResNet (1: ResNet-8)"),
     ] = 5,
     width: Annotated[
         int, Field(ge=1, description="channels of the first stage (the others: 2x, 4x); 16 is ResNet-32's")
