@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -417,8 +416,9 @@ def resume(path: str | Path, on_event: Callable[[str], None] = print) -> Sweep:
 def run_attempt(args: list[str], cwd: str, log_path: str) -> tuple[int, float]:
     """Run ``cl-ext ARGS`` in CWD, its output appended to LOG_PATH; returns (exit code, seconds).
 
-    Ctrl-C, SIGTERM or a Ray cancel while it runs is passed on to the run, which stops cleanly and
-    keeps its checkpoint; when it has exited, the interruption is raised again.
+    Ctrl-C, SIGTERM or a Ray cancel while it runs sends the run SIGTERM, on which it stops as
+    cleanly as on Ctrl-C and keeps its checkpoint; when it has exited, the interruption is raised
+    again. (SIGTERM, not SIGINT: Ray's workers block SIGINT, and their children inherit the block.)
     """
     start = time.monotonic()
     with open(log_path, "a", encoding="utf-8") as log:
@@ -435,12 +435,25 @@ def run_attempt(args: list[str], cwd: str, log_path: str) -> tuple[int, float]:
             start_new_session=True,
         )
         try:
-            returncode = process.wait()
-        except BaseException as stop:
-            process.send_signal(signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)
+            returncode = _wait(process)
+        except BaseException:
+            process.terminate()
             process.wait()
             raise
     return returncode, time.monotonic() - start
+
+
+def _wait(process: subprocess.Popen) -> int:
+    # In short waits: Ray cancels a task by raising KeyboardInterrupt in it between two Python
+    # steps, which one long blocking wait would delay until the run ends.
+    while True:
+        try:
+            return process.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+POLL_S = 0.5
 
 
 def _log_path(sweep: Sweep, run: Run) -> str:
@@ -483,9 +496,9 @@ class RayExecutor:
     def __init__(self, sweep: Sweep, workers: int | None, address: str | None) -> None:
         import ray
 
-        # Ray's own log lines (worker start-up, the dashboard, ...) would bury the sweep's.
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        kwargs["logging_level"] = logging.WARNING
+        # Ray's own log lines (its workers' output, a notice about token authentication at every
+        # start, ...) would bury the sweep's; its errors still show.
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
         if address:
             ray.init(address=address, **kwargs)
         else:
@@ -516,7 +529,7 @@ class RayExecutor:
                 while queue and len(flying) < self.workers:
                     run, tried = queue.popleft()
                     flying[task.remote(sweep.command(run), sweep.cwd, _log_path(sweep, run))] = (run, tried)
-                done, _ = ray.wait(list(flying), num_returns=1)
+                done, _ = ray.wait(list(flying), num_returns=1, timeout=POLL_S)  # Ctrl-C gets in between
                 for ref in done:
                     run, tried = flying.pop(ref)
                     try:
