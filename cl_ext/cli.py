@@ -493,7 +493,10 @@ def validate(
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with metrics.json).")],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories (each with metrics.json), or one sweep directory (sweep.json)."),
+    ],
     out: Annotated[
         Path | None,
         typer.Option(
@@ -510,17 +513,20 @@ def report(
     ] = False,
     title: Annotated[str | None, typer.Option(help="Report title (default: from the runs).")] = None,
 ) -> None:
-    """Write a report of one run, or compare several runs side by side.
+    """Write a report of one run, compare several runs, or summarise a sweep over seeds.
 
     The HTML file is self-contained (figures embedded, no network needed): per run the
     recipe, environment, headline numbers, accuracy per step, accuracy-matrix heatmap,
     old/new accuracy and the plugins' learned corrections; for several runs first a
-    comparison table and the accuracy curves overlaid.
+    comparison table and the accuracy curves overlaid. A sweep directory, or runs whose
+    recipes differ only in the seed, give mean +- std with a 95% interval per group, the
+    curves with a shaded spread and paired comparisons on common seeds (docs/reports.md).
 
     Example: cl-ext report runs/quickstart-* runs/finetune-* --out comparison.html --markdown
     """
     from cl_ext.report import report_for_dirs, write_report
 
+    # One run folder or one sweep folder gets its report inside it.
     target = out or (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     try:
         written = write_report(report_for_dirs(run_dirs, title), target, markdown=markdown)

@@ -289,12 +289,17 @@ def figure_accuracy_curves(runs: Sequence[RunData], title: str) -> MplFigure:
                 color=f"C{i}",
                 label=f"{run.label}, NME (avg. incr. {fmt_pct(run.nme.get('average_incremental_accuracy'))}%)",
             )
+    finish_classes_axis(ax, plotted, ticks, title)
+    return fig
+
+
+def finish_classes_axis(ax, plotted: Iterable[np.ndarray], ticks: Iterable[int], title: str) -> None:
+    """Accuracy on the seen classes against the number of classes learned: axes, title, legend."""
     _accuracy_axis(ax, plotted, "accuracy on all classes seen (%)")
     ax.set_xticks(sorted(ticks))
     ax.set_xlabel("number of classes learned")
     ax.set_title(title)
     ax.legend(fontsize="small", loc="lower left")
-    return fig
 
 
 def rising_losses(train_loss: Sequence[Sequence[float]]) -> list[int]:
@@ -768,7 +773,11 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> Report:
 
 
 def report_for_dirs(paths: Sequence[str | Path], title: str | None = None) -> Report:
-    return build_report([load_run(p) for p in paths], title)
+    """A sweep directory, runs that repeat an experiment over seeds, or runs one by one."""
+    # Imported here: cl_ext.report_seeds builds on this module's blocks.
+    from cl_ext.report_seeds import report_for_paths
+
+    return report_for_paths(list(paths), title)
 
 
 # -- HTML -----------------------------------------------------------------------------------

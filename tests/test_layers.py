@@ -49,8 +49,20 @@ RULES = [
     ),
     (("cl_ext.runner", "cl_ext.state"), ("cl_ext.cli", "cl_ext.report", "cl_ext.loggers", "cl_ext.sweep")),
     (
-        ("cl_ext.report",),
+        ("cl_ext.report", "cl_ext.report_seeds"),
         ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state", "cl_ext.sweep"),
+    ),
+    (
+        ("cl_ext.aggregate", "cl_ext.references"),
+        (
+            "cl_ext.cli",
+            "cl_ext.runner",
+            "cl_ext.config",
+            "cl_ext.report",
+            "cl_ext.loggers",
+            "cl_ext.state",
+            "cl_ext.sweep",
+        ),
     ),
     (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.sweep")),
     # A sweep runs `cl-ext run` in subprocesses: it never imports the runner (nor torch).

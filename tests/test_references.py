@@ -65,7 +65,8 @@ def test_every_reference_is_cited(ref):
     has_number = ref.average_incremental_accuracy is not None or ref.per_step is not None
     if has_number:
         assert ref.table and ref.row
-        assert ref.protocol.aia_includes_first_step is not None
+        if ref.average_incremental_accuracy is not None:
+            assert ref.protocol.aia_includes_first_step is not None
         if ref.average_incremental_accuracy is not None:
             assert 0 <= ref.average_incremental_accuracy <= 100
         if ref.per_step is not None:
@@ -104,8 +105,14 @@ def test_protocol_step_count_includes_the_base_step():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ("per_step: [70.0, 60.0]", "references[0]: <root>: Value error, per_step has 2 values; the protocol has 3"),
-        ("average_incremental_accuracy: 160.0", "references[0]: average_incremental_accuracy: Input should be less"),
+        (
+            "per_step: [70.0, 60.0]",
+            "references[0] (toy-cifar100-b50-2steps): per_step has 2 values; the protocol has 3 steps",
+        ),
+        (
+            "average_incremental_accuracy: 160.0",
+            "references[0] (toy-cifar100-b50-2steps): average_incremental_accuracy: Input should be less",
+        ),
         ("table: null", "a number needs the table and row it was read from"),
         ("source: later paper", "source 'later paper' goes with later_paper"),
     ],
@@ -199,3 +206,20 @@ def test_a_reference_without_a_number_gives_no_gap_but_says_why(tmp_path):
     metrics, recipe = _run(tmp_path, split=[50] + [2] * 25)
     (found,) = match(metrics, recipe, [lucir])
     assert "no paper number" in gap_line(found, 0.5)
+
+
+def test_a_paper_with_only_per_step_numbers_is_compared_by_their_mean(tmp_path):
+    text = TOY.replace("    average_incremental_accuracy: 60.0\n", "").replace(
+        "aia_includes_first_step: true", "aia_includes_first_step: null"
+    )
+    (ref,) = parse_file(text, "toy.yaml")
+    assert ref.average_incremental_accuracy is None and ref.includes_first_step
+    metrics, recipe = _run(tmp_path)
+    (found,) = match(metrics, recipe, [ref])
+    # ours 59.00; the paper's steps 70, 60, 50 average 60.00
+    assert "ours 59.00% − paper 60.00% (mean of the paper's per-step accuracies) = -1.00 points" in gap_line(
+        found, 0.59
+    )
+    # an average without its convention is refused
+    with pytest.raises(ReferenceError, match="average_incremental_accuracy needs its convention"):
+        parse_file(text + "    average_incremental_accuracy: 60.0\n", "toy.yaml")

@@ -144,8 +144,10 @@ class Reference(_Strict):
         has_number = self.average_incremental_accuracy is not None or self.per_step is not None
         if has_number and not (self.table and self.row):
             raise ValueError("a number needs the table and row it was read from")
-        if has_number and self.protocol.aia_includes_first_step is None:
-            raise ValueError("a number needs its convention: protocol.aia_includes_first_step true or false")
+        if self.average_incremental_accuracy is not None and self.protocol.aia_includes_first_step is None:
+            raise ValueError(
+                "average_incremental_accuracy needs its convention: protocol.aia_includes_first_step true or false"
+            )
         if not has_number and not self.missing:
             raise ValueError("without a number, say under 'missing' why it is not given")
         if (self.source == "later paper") != (self.later_paper is not None):
@@ -166,11 +168,18 @@ class Reference(_Strict):
         table = self.later_paper.table if self.later_paper else self.table
         return f"{where}, {table or 'no table'}" + (f", row {self.row}" if self.row else "")
 
+    @property
+    def includes_first_step(self) -> bool:
+        """The AIA convention the gap is given in: the paper's, or with the first step where the
+        paper prints only per-step accuracies (their mean is then the paper's side)."""
+        stated = self.protocol.aia_includes_first_step
+        return True if stated is None else stated
+
     def aia(self, includes_first_step: bool | None = None) -> float | None:
-        """The average incremental accuracy in %, recomputed from ``per_step`` when the other
-        convention is asked for and the steps are given."""
-        wanted = self.protocol.aia_includes_first_step if includes_first_step is None else includes_first_step
-        if wanted == self.protocol.aia_includes_first_step:
+        """The average incremental accuracy in %: the paper's number in its own convention, else
+        the mean of ``per_step`` (all steps, or all but the first), else None."""
+        wanted = self.includes_first_step if includes_first_step is None else includes_first_step
+        if wanted == self.protocol.aia_includes_first_step and self.average_incremental_accuracy is not None:
             return self.average_incremental_accuracy
         if self.per_step is None:
             return None
@@ -184,7 +193,11 @@ class _File(_Strict):
 
 
 def _error_text(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+    # A check across fields (per_step against the protocol) has no key of its own: its message says which.
+    return "; ".join(
+        (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+        for e in err.errors()
+    )
 
 
 def parse_file(text: str, source: str) -> list[Reference]:
@@ -202,7 +215,7 @@ def parse_file(text: str, source: str) -> list[Reference]:
         try:
             out.append(Reference.model_validate({"paper": parsed.paper, **entry}))
         except ValidationError as err:
-            raise ReferenceError(f"{source}: references[{i}]: {_error_text(err)}") from None
+            raise ReferenceError(f"{source}: references[{i}] ({entry.get('key')}): {_error_text(err)}") from None
     return out
 
 
@@ -308,29 +321,27 @@ def run_accuracy(metrics: dict[str, Any], classifier: str) -> dict[str, Any]:
 def gap_line(found: Match, ours_aia: float | None, ours_label: str = "ours") -> str:
     """One line: our average incremental accuracy minus the paper's, in points, convention stated.
 
-    ``ours_aia`` is a fraction (as in metrics.json) in the reference's own convention.
+    ``ours_aia`` is a fraction (as in metrics.json) in the convention of ``Reference.includes_first_step``.
     """
-    ref, p = found.reference, found.reference.protocol
-    convention = "including the first step" if p.aia_includes_first_step else "excluding the first step"
-    head = f"{ref.key} ({p.classifier.upper()}, average incremental accuracy {convention})"
-    if ref.average_incremental_accuracy is None:
+    ref = found.reference
+    convention = "including the first step" if ref.includes_first_step else "excluding the first step"
+    head = f"{ref.key} ({ref.protocol.classifier.upper()}, average incremental accuracy {convention})"
+    paper = ref.aia()
+    if paper is None:
         text = f"{head}: no paper number ({ref.missing})"
-    elif ours_aia is None:
-        text = f"{head}: paper {ref.average_incremental_accuracy:.2f}%, {ours_label} –"
     else:
-        ours = 100 * ours_aia
-        text = (
-            f"{head}: {ours_label} {ours:.2f}% − paper {ref.average_incremental_accuracy:.2f}% = "
-            f"{ours - ref.average_incremental_accuracy:+.2f} points"
+        shown = f"paper {paper:.2f}%" + (
+            " (mean of the paper's per-step accuracies)" if ref.average_incremental_accuracy is None else ""
         )
+        if ours_aia is None:
+            text = f"{head}: {shown}, {ours_label} –"
+        else:
+            ours = 100 * ours_aia
+            text = f"{head}: {ours_label} {ours:.2f}% − {shown} = {ours - paper:+.2f} points"
     extra = "; ".join(found.notes)
     return f"{text} [{ref.table_citation}]" + (f" ({extra})" if extra else "")
 
 
 def aia_key(ref: Reference) -> str:
     """The metrics.json key holding the reference's AIA convention."""
-    return (
-        "average_incremental_accuracy"
-        if ref.protocol.aia_includes_first_step
-        else "average_incremental_accuracy_excl_first"
-    )
+    return "average_incremental_accuracy" if ref.includes_first_step else "average_incremental_accuracy_excl_first"
