@@ -184,7 +184,7 @@ def reference_for(label: str, references) -> Reference | None:
     exists, else with a number on another protocol, else one that says why it has none."""
 
     def rank(ref: Reference) -> tuple[bool, bool]:
-        has_number = ref.average_incremental_accuracy is not None
+        has_number = ref.aia() is not None
         return has_number, has_number and ref.protocol.split == SPLIT
 
     found = [ref for ref in references if ref.method == label]
@@ -195,13 +195,14 @@ def paper_cells(ref: Reference | None) -> tuple[str, str]:
     """The table's two paper columns: the number with its protocol, and where it was read."""
     if ref is None:
         return "n/a", "no reference"
-    if ref.average_incremental_accuracy is None:
+    if ref.aia() is None:
         return "n/a", f"{ref.key}: no number filed"
-    convention = "first step included" if ref.protocol.aia_includes_first_step else "first step excluded"
-    return (
-        f"{ref.average_incremental_accuracy:.2f} ({ref.protocol.describe()}; {convention})",
-        ref.table_citation,
-    )
+    return f"{ref.aia():.2f} ({ref.protocol.describe()}; {_convention(ref)})", ref.table_citation
+
+
+def _convention(ref: Reference) -> str:
+    text = "first step included" if ref.includes_first_step else "first step excluded"
+    return text if ref.average_incremental_accuracy is not None else text + ", the mean of the paper's steps"
 
 
 def table(results: dict[str, list[Result]], labels: dict[str, str], references) -> str:
@@ -233,11 +234,7 @@ def table(results: dict[str, list[Result]], labels: dict[str, str], references) 
     lines += ["", "The references for these methods in `cl_ext.references`:", ""]
     for ref in references:
         if ref.method in labels.values():
-            number = (
-                f"{ref.average_incremental_accuracy:.2f}%"
-                if ref.average_incremental_accuracy is not None
-                else f"no number: {ref.missing}"
-            )
+            number = f"{ref.aia():.2f}% ({_convention(ref)})" if ref.aia() is not None else f"no number: {ref.missing}"
             lines.append(f"- `{ref.key}` ({ref.protocol.describe()}): {number} [{ref.table_citation}]")
     return "\n".join(lines) + "\n"
 

@@ -29,13 +29,15 @@ def _runs(rp, aia, final=None, wall=None):
     return [rp.Result(seed, a, f, w) for seed, (a, f, w) in enumerate(zip(aia, final, wall))]
 
 
-def _reference(method, split, number, key, missing=None):
-    protocol = SimpleNamespace(split=split, aia_includes_first_step=True, describe=lambda: f"{key} protocol")
+def _reference(method, split, number, key, missing=None, per_step_mean=None):
+    """Reference's fields that reproduce.py reads; ``per_step_mean``: a paper printing steps only."""
     return SimpleNamespace(
         method=method,
         key=key,
-        protocol=protocol,
+        protocol=SimpleNamespace(split=split, describe=lambda: f"{key} protocol"),
+        includes_first_step=True,
         average_incremental_accuracy=number,
+        aia=lambda: per_step_mean if number is None else number,
         missing=missing,
         table_citation=f"{key} paper, Table 1, row X",
     )
@@ -104,8 +106,8 @@ def test_table_gives_mean_and_std_and_the_papers_number(rp):
     assert lines[4] == "| ucir | `replay+ucir` | 0 | 51.00 | 25.00 | 300 | n/a | lucir-b50: no number filed |"
     # every reference of a tabulated method is listed with its number or why it has none
     assert lines[-3:] == [
-        "- `icarl-10x10` (icarl-10x10 protocol): 64.10% [icarl-10x10 paper, Table 1, row X]",
-        "- `icarl-5x20` (icarl-5x20 protocol): 62.50% [icarl-5x20 paper, Table 1, row X]",
+        "- `icarl-10x10` (icarl-10x10 protocol): 64.10% (first step included) [icarl-10x10 paper, Table 1, row X]",
+        "- `icarl-5x20` (icarl-5x20 protocol): 62.50% (first step included) [icarl-5x20 paper, Table 1, row X]",
         "- `lucir-b50` (lucir-b50 protocol): no number: not read [lucir-b50 paper, Table 1, row X]",
     ]
 
@@ -138,3 +140,14 @@ def test_write_docs_replaces_only_the_table(rp, tmp_path):
     page.write_text(f"# Title\n\n{rp.BEGIN}\nold table\n{rp.END}\n\nmore text\n")
     rp.write_docs("| new |\n", page)
     assert page.read_text() == f"# Title\n\n{rp.BEGIN}\n| new |\n{rp.END}\n\nmore text\n"
+
+
+def test_a_paper_with_per_step_numbers_only_is_given_their_mean(rp):
+    steps_only = _reference("replay+bic", [20] * 5, None, "bic-5x20", per_step_mean=55.25)
+    unread = _reference("replay+bic", [20] * 5, None, "bic-other", missing="not read")
+    assert rp.reference_for("replay+bic", [unread, steps_only]) is steps_only
+    assert rp.paper_cells(steps_only) == (
+        "55.25 (bic-5x20 protocol; first step included, the mean of the paper's steps)",
+        "bic-5x20 paper, Table 1, row X",
+    )
+    assert rp.reference_for("naive", [unread, steps_only]) is None
