@@ -180,12 +180,11 @@ def ordering_checks(aia: dict[str, Stat | None]) -> list[Check]:
 
 
 def reference_for(label: str, references) -> Reference | None:
-    """The paper's reference for a method label: with a number on this table's protocol if one
-    exists, else with a number on another protocol, else one that says why it has none."""
+    """The paper's reference for a method label: one with a number before one without, and among
+    those one on this table's protocol first."""
 
     def rank(ref: Reference) -> tuple[bool, bool]:
-        has_number = ref.aia() is not None
-        return has_number, has_number and ref.protocol.split == SPLIT
+        return ref.aia() is not None, ref.protocol.split == SPLIT
 
     found = [ref for ref in references if ref.method == label]
     return max(found, key=rank, default=None)

@@ -151,3 +151,5 @@ def test_a_paper_with_per_step_numbers_only_is_given_their_mean(rp):
         "bic-5x20 paper, Table 1, row X",
     )
     assert rp.reference_for("naive", [unread, steps_only]) is None
+    unread_10x10 = _reference("replay+bic", [10] * 10, None, "bic-10x10", missing="not read")
+    assert rp.reference_for("replay+bic", [unread_10x10, unread]) is unread  # this table's split
