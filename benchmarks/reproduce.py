@@ -9,7 +9,7 @@ schedule and holds the measured table::
 
     python3 benchmarks/reproduce.py                              # the reduced CPU schedule, seeds 0-2
     python3 benchmarks/reproduce.py --write-docs                 # ... and put the table in the docs
-    python3 benchmarks/reproduce.py --full --data-root /data/cifar100 --root runs/reproduce-full
+    python3 benchmarks/reproduce.py --full --data-root /data/cifar100   # into runs/reproduce-full
 
 The protocol is the same for every method: CIFAR-100 in 5 steps of 20 classes (iCaRL's and
 BiC's 20-class steps), the iCaRL/LUCIR class order (seed 1993), which every shipped recipe
@@ -50,7 +50,7 @@ SPLIT = [20, 20, 20, 20, 20]
 # The reduced schedule, the same for every method (what two shared CPU cores allow).
 SCHEDULE = (
     # ResNet-8 at half width (1 block per stage, 8/16/32 channels, 32-d features) for ResNet-32:
-    # about 900 training images/s on one core instead of about 100.
+    # 10 times the training speed (313 against 30 images/s here, measured under the same load).
     "model.options.blocks=1",
     "model.options.width=8",
     # 2 epochs per step, the learning rate divided once (by the recipe's own factor) after the
@@ -167,8 +167,7 @@ def ordering_checks(aia: dict[str, Stat | None]) -> list[Check]:
     others = [m for m in aia if m not in ("joint", "finetune")]
     pairs = [*PAPER_ORDER, *((m, "finetune") for m in ["joint", *others]), *(("joint", m) for m in others)]
     out = []
-    pairs = [(better, worse) for better, worse in pairs if better in aia and worse in aia]
-    for better, worse in pairs:
+    for better, worse in [(b, w) for b, w in pairs if b in aia and w in aia]:
         a, b = aia.get(better), aia.get(worse)
         if a is None or b is None:
             out.append(Check(better, worse, None, None, None))
@@ -263,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", default="0-2", help="as cl-ext sweep takes them (default 0-2)")
-    parser.add_argument("--root", default=str(REPO / "runs" / "reproduce"), help="one sweep folder per method here")
+    parser.add_argument(
+        "--root", help="one sweep folder per method here (default: runs/reproduce, with --full runs/reproduce-full)"
+    )
     parser.add_argument(
         "--data-root",
         default=str(REPO.parent / "shared" / "data"),
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table-only", action="store_true", help="run nothing; tabulate the sweeps under --root")
     parser.add_argument("--write-docs", action="store_true", help=f"put the table in {DOCS.relative_to(REPO)}")
     args = parser.parse_args(argv)
+    # The sweeps run from the checkout's root: make the user's paths independent of it.
+    root = args.root or REPO / "runs" / ("reproduce-full" if args.full else "reproduce")
+    args.root, args.data_root = str(Path(root).resolve()), str(Path(args.data_root).resolve())
     if not args.table_only:
         for method in args.methods:
             run_sweep(method, args)
