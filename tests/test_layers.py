@@ -32,7 +32,8 @@ COMPONENTS = (
 )
 RULES = [
     (
-        COMPONENTS,
+        # The references and the aggregation over seeds import none of the layers above, as components.
+        (*COMPONENTS, "cl_ext.aggregate", "cl_ext.references"),
         (
             "cl_ext.cli",
             "cl_ext.runner",
@@ -51,18 +52,6 @@ RULES = [
     (
         ("cl_ext.report", "cl_ext.report_seeds"),
         ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state", "cl_ext.sweep"),
-    ),
-    (
-        ("cl_ext.aggregate", "cl_ext.references"),
-        (
-            "cl_ext.cli",
-            "cl_ext.runner",
-            "cl_ext.config",
-            "cl_ext.report",
-            "cl_ext.loggers",
-            "cl_ext.state",
-            "cl_ext.sweep",
-        ),
     ),
     (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.sweep")),
     # A sweep runs `cl-ext run` in subprocesses: it never imports the runner (nor torch).
