@@ -111,3 +111,15 @@ def test_resnet32_structure_and_last_relu(digits_ctx):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 50)
     resnet18 = registry.build("model", "resnet18", digits_ctx, {})
     assert resnet18.features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_resnet32_blocks_and_width_make_a_smaller_cifar_resnet(digits_ctx):
+    from cl_ext.context import BenchmarkInfo
+
+    digits_ctx.benchmark.info = BenchmarkInfo("fake", (3, 32, 32), 100, list(range(100)), [20] * 5)
+    model = registry.build("model", "resnet32", digits_ctx, {"blocks": 1, "width": 8})
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 7  # ResNet-8: 1 stem + 3 stages x 1 block x 2
+    assert [c.out_channels for c in convs] == [8, 8, 8, 16, 16, 32, 32]
+    assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 20)

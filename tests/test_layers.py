@@ -34,7 +34,8 @@ COMPONENTS = (
 )
 RULES = [
     (
-        COMPONENTS,
+        # The references and the aggregation over seeds import none of the layers above, as components.
+        (*COMPONENTS, "cl_ext.aggregate", "cl_ext.references"),
         (
             "cl_ext.cli",
             "cl_ext.runner",

@@ -182,9 +182,21 @@ def build_mlp(
 
 
 @register("model", "resnet32")
-def build_resnet32(ctx: BuildContext, last_relu: LastReLU = True) -> IncrementalNet:
-    """CIFAR ResNet-32 (3 stages x 5 blocks, 16/32/64 channels, 64-d features)."""
-    backbone = ResNet([5, 5, 5], [16, 32, 64], _channels(ctx), small_input=True, last_relu=last_relu)
+def build_resnet32(
+    ctx: BuildContext,
+    last_relu: LastReLU = True,
+    blocks: Annotated[
+        int,
+        Field(ge=1, description="blocks per stage: 5 is ResNet-32; fewer make a cheaper CIFAR ResNet (1: ResNet-8)"),
+    ] = 5,
+    width: Annotated[
+        int, Field(ge=1, description="channels of the first stage (the others: 2x, 4x); 16 is ResNet-32's")
+    ] = 16,
+) -> IncrementalNet:
+    """CIFAR ResNet-32 (3 stages x 5 blocks, 16/32/64 channels, 64-d features); blocks/width shrink it."""
+    backbone = ResNet(
+        [blocks] * 3, [width, 2 * width, 4 * width], _channels(ctx), small_input=True, last_relu=last_relu
+    )
     return IncrementalNet(backbone, backbone.out_features, linear_head(backbone.out_features, ctx.info.initial_classes))
 
 
