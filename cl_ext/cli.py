@@ -11,6 +11,7 @@ import threading
 import warnings
 from datetime import datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -114,8 +115,8 @@ def run(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cl_ext.report import finish_run
-    from cl_ext.runner import build_experiment, new_run_dir, resume_experiment, run_experiment
+    from cl_ext.report import write_run_report
+    from cl_ext.runner import build_experiment, finish_run, new_run_dir, resume_experiment, run_experiment
 
     if recipe is None and resume is None:
         _fail("give a RECIPE to start a run, or --resume RUN_DIR to continue one (cl-ext run --help)")
@@ -229,12 +230,12 @@ def run(
                 )
         except BaseException as err:  # Ctrl-C included: close the loggers, report what finished
             bar.stop()
-            _stopped(err, experiment, run_dir, log, debug, finish_run)
+            _stopped(err, experiment, run_dir, log, debug, partial(finish_run, write_report=write_run_report))
         finally:
             logging.getLogger("cl_ext").removeHandler(notices)
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
-    reports = finish_run(experiment, run_dir)
+    reports = finish_run(experiment, run_dir, write_run_report)
     log.close()
     console.print(table)
     console.print(

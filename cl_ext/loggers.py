@@ -27,7 +27,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.metrics import IncrementalAccuracy
 from cl_ext.randomness import isolated
 from cl_ext.registry import register
-from cl_ext.report import HEADLINE, plugin_step_tables, step_records
+from cl_ext.report.build import HEADLINE, plugin_step_tables, step_records
 
 PathSource = str | Path | Callable[[], "str | Path | None"] | None
 

@@ -746,3 +746,27 @@ def run_experiment(
             metrics = collect_metrics(exp, wall_times, finished=finished)
             _atomic_write(run_dir / "metrics.json", metrics_json(metrics)[0])
     return metrics
+
+
+def finish_run(
+    experiment: Experiment, run_dir: str | Path, write_report: Callable[[Path], list[Path]] | None = None
+) -> list[Path]:
+    """After :func:`run_experiment`: the report (unless ``output.report`` is off), then each
+    logger's ``close()`` -- the W&B logger uploads the run directory, report included, as an
+    artifact and finishes its run. Returns the written reports. Also after a failed or
+    interrupted run: the report then shows the finished experiences (none without one).
+
+    ``write_report`` writes a run folder's report (``cl-ext run`` passes
+    :func:`cl_ext.report.write_run_report`; the runner never imports the reporting); without it
+    the loggers are only closed.
+    """
+    written: list[Path] = []
+    try:
+        if write_report and experiment.recipe.output.report and (Path(run_dir) / "metrics.json").is_file():
+            written = write_report(Path(run_dir))
+    finally:
+        for logger in getattr(experiment.ctx.evaluator, "loggers", []):
+            close = getattr(logger, "close", None)
+            if callable(close):
+                close()
+    return written

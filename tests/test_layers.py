@@ -32,6 +32,15 @@ COMPONENTS = (
     "cl_ext.losses",
     "cl_ext.protocols",
 )
+# The modules of cl_ext/report/ that build sections, and those that render or write them.
+REPORT_UPPER = (
+    "cl_ext.report.build",
+    "cl_ext.report.seeds",
+    "cl_ext.report.html",
+    "cl_ext.report.markdown",
+    "cl_ext.report.wandb",
+    "cl_ext.report.write",
+)
 RULES = [
     (
         # The references and the aggregation over seeds import none of the layers above, as components.
@@ -51,9 +60,19 @@ RULES = [
         ("cl_ext.cli", "cl_ext.runner", "cl_ext.report", "cl_ext.loggers", "cl_ext.sweep"),
     ),
     (("cl_ext.runner", "cl_ext.state"), ("cl_ext.cli", "cl_ext.report", "cl_ext.loggers", "cl_ext.sweep")),
+    # The reporting package reads run folders only: never the code that made them.
     (
-        ("cl_ext.report", "cl_ext.report_seeds"),
+        ("cl_ext.report",),
         ("cl_ext.cli", "cl_ext.runner", "cl_ext.config", "cl_ext.loggers", "cl_ext.state", "cl_ext.sweep"),
+    ),
+    # Inside it: run data, blocks and figures below the report building, the renderers beside it.
+    (
+        ("cl_ext.report.runs", "cl_ext.report.blocks", "cl_ext.report.figures"),
+        REPORT_UPPER,
+    ),
+    (
+        ("cl_ext.report.html", "cl_ext.report.markdown", "cl_ext.report.wandb"),
+        REPORT_UPPER[:2] + ("cl_ext.report.write",),
     ),
     (
         ("cl_ext.aggregate", "cl_ext.references"),
@@ -71,7 +90,7 @@ RULES = [
     # A sweep runs `cl-ext run` in subprocesses: it never imports the runner (nor torch).
     (
         ("cl_ext.sweep",),
-        ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.report", "cl_ext.report_seeds", "cl_ext.loggers"),
+        ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.report", "cl_ext.loggers"),
     ),
 ]
 

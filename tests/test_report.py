@@ -231,9 +231,32 @@ def test_unfinished_and_bad_run_dirs(tmp_path):
     assert result.exit_code == 1 and "is not a directory" in " ".join(result.output.split())
 
 
-def test_finish_run_honours_the_report_switch_and_closes_loggers(monkeypatch, tmp_path):
+def test_html_escapes_run_names_recipe_values_and_titles(tmp_path):
+    """The template autoescapes: markup in a run name, a recipe value or a title is shown, never run."""
+    hostile = '<script>alert("x")</script> & co'
+    run = make_run(tmp_path, "hostile", run_name=hostile, method="<b>replay</b>")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["strategy"]["note"] = "<script>steal()</script> & more"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    other = make_run(tmp_path, "other")
+    (out,) = rp.write_report(rp.report_for_dirs([run, other], title="A & B <i>"), tmp_path / "report.html")
+    page = out.read_text()
+    assert "<script" not in page and "<b>replay</b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; co" in page  # the comparison's run name
+    assert "&lt;script&gt;steal()&lt;/script&gt; &amp; more" in page  # the recipe, as code
+    assert "&lt;b&gt;replay&lt;/b&gt;" in page  # the method, in headings, tables and image alt text
+    assert "<title>A &amp; B &lt;i&gt;</title>" in page and "<h1>A &amp; B &lt;i&gt;</h1>" in page
+
+
+def test_finish_run_honours_the_report_switch_and_closes_loggers(tmp_path):
+    from cl_ext.runner import finish_run  # the run's lifecycle is the runner's, not the report's
+
     written, closed = [], []
-    monkeypatch.setattr(rp, "write_run_report", lambda run_dir: written.append(run_dir) or [run_dir / "report.html"])
+
+    def write_run_report(run_dir):
+        written.append(run_dir)
+        return [run_dir / "report.html"]
+
     logger = SimpleNamespace(close=lambda: closed.append(True))
 
     def experiment(switch):
@@ -243,11 +266,14 @@ def test_finish_run_honours_the_report_switch_and_closes_loggers(monkeypatch, tm
         )
 
     # A run stopped before its first experience finished: no report to write, loggers still close.
-    assert rp.finish_run(experiment(True), tmp_path) == [] and written == [] and closed == [True]
+    assert finish_run(experiment(True), tmp_path, write_run_report) == [] and written == [] and closed == [True]
     (tmp_path / "metrics.json").write_text("{}")
     for switch in (False, True):
-        assert rp.finish_run(experiment(switch), tmp_path) == ([tmp_path / "report.html"] if switch else [])
-    assert written == [tmp_path] and closed == [True, True, True]
+        expected = [tmp_path / "report.html"] if switch else []
+        assert finish_run(experiment(switch), tmp_path, write_run_report) == expected
+    # Without a report writer the runner only closes the loggers.
+    assert finish_run(experiment(True), tmp_path) == []
+    assert written == [tmp_path] and closed == [True, True, True, True]
 
 
 def test_wandb_report_spec_is_built_offline(two_runs):

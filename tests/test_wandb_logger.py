@@ -20,8 +20,8 @@ from wandb.proto import wandb_internal_pb2
 from cl_ext.cli import app
 from cl_ext.config import recipe_to_dict, validate_recipe
 from cl_ext.loggers import WandbLogger, final_logs
-from cl_ext.report import finish_run, report_for_dirs, wandb_report_spec
-from cl_ext.runner import build_experiment, new_run_dir, run_experiment
+from cl_ext.report import report_for_dirs, wandb_report_spec, write_run_report
+from cl_ext.runner import build_experiment, finish_run, new_run_dir, run_experiment
 
 BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -135,7 +135,7 @@ def offline_run(tmp_path_factory):
         exp = build_experiment(recipe)
         run_dir = new_run_dir(recipe)
         metrics = run_experiment(exp, run_dir)
-        finish_run(exp, run_dir)
+        finish_run(exp, run_dir, write_run_report)
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
     return SimpleNamespace(recipe=recipe, run_dir=run_dir, metrics=metrics, logged=read_offline_run(folder))
 

@@ -6,7 +6,7 @@ point; ``cl-ext report DIR...`` groups runs whose resolved recipes differ only i
 group: mean ± sample std and a 95% Student-t interval of the headline numbers, the accuracy
 curves as a mean with a ±std band, the paper's curve where a reference matches
 (:mod:`cl_ext.references`), and paired comparisons between groups on their common seeds.
-Built from :mod:`cl_ext.report`'s blocks, so the HTML and Markdown renderers are shared.
+Built from :mod:`cl_ext.report.blocks`, so the HTML and Markdown renderers are shared.
 """
 
 from __future__ import annotations
@@ -23,25 +23,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cl_ext.aggregate import Group, group_by_seed, label_groups, mean_curve, paired, summarize
 from cl_ext.references import Match, aia_key, gap_line, match, run_accuracy
-from cl_ext.report import (
-    CNN_PREFIX,
-    Block,
-    Figure,
-    Report,
-    ReportError,
-    RunData,
-    Section,
-    Table,
-    Text,
-    _line_panel,
-    _new_figure,
-    build_report,
-    finish_classes_axis,
-    fmt_duration,
-    fmt_pct,
-    label_runs,
-    load_run,
-)
+from cl_ext.report.blocks import Block, Figure, Report, Section, Table, Text, fmt_duration, fmt_pct
+from cl_ext.report.build import CNN_PREFIX, build_report, line_panel
+from cl_ext.report.figures import finish_classes_axis, new_figure
+from cl_ext.report.runs import ReportError, RunData, label_runs, load_run
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
@@ -199,7 +184,7 @@ def figure_mean_curves(groups: list[Group], matches: dict[str, list[Match]], tit
 
     A group matching an NME reference (iCaRL's) also shows its NME curve, the one the paper's
     is compared with."""
-    fig, ax = _new_figure(7.2, 4.2)
+    fig, ax = new_figure(7.2, 4.2)
     plotted, ticks = [], set()
     for i, g in enumerate(groups):
         refs = [m.reference for m in matches.get(g.label, [])]
@@ -262,9 +247,7 @@ def seed_report(groups: list[Group], title: str, intro: str, left_out: list[list
             caption="Line: mean over the group's runs; band: ± one sample standard deviation; dashed: "
             "the paper's per-step accuracy where a reference matches.",
             # In W&B the runs' own curves; grouping them (a sweep's runs share a group) gives the spread.
-            panels=[
-                _line_panel("accuracy on all classes seen", [f"{CNN_PREFIX}/seen_accuracy"], "accuracy (fraction)")
-            ],
+            panels=[line_panel("accuracy on all classes seen", [f"{CNN_PREFIX}/seen_accuracy"], "accuracy (fraction)")],
         )
     )
     gaps = [line for g in groups for line in reference_lines(g.label, g.runs, matches[g.label])]
@@ -315,8 +298,8 @@ def reference_section(runs: list[RunData]) -> Section | None:
     return Section("Against the papers", "references", blocks, runs)
 
 
-def report_for_paths(given: Sequence[str | Path], title: str | None = None) -> Report:
-    """A sweep directory, seed repeats, or runs reported one by one (:func:`cl_ext.report.build_report`)."""
+def report_for_dirs(given: Sequence[str | Path], title: str | None = None) -> Report:
+    """A sweep directory, seed repeats, or runs reported one by one (:func:`cl_ext.report.build.build_report`)."""
     paths = [Path(p) for p in given]
     if len(paths) == 1 and (paths[0] / "sweep.json").is_file():
         sweep, groups, left_out = load_sweep(paths[0])
