@@ -74,18 +74,6 @@ RULES = [
         ("cl_ext.report.html", "cl_ext.report.markdown", "cl_ext.report.wandb"),
         REPORT_UPPER[:2] + ("cl_ext.report.write",),
     ),
-    (
-        ("cl_ext.aggregate", "cl_ext.references"),
-        (
-            "cl_ext.cli",
-            "cl_ext.runner",
-            "cl_ext.config",
-            "cl_ext.report",
-            "cl_ext.loggers",
-            "cl_ext.state",
-            "cl_ext.sweep",
-        ),
-    ),
     (("cl_ext.loggers",), ("cl_ext.cli", "cl_ext.runner", "cl_ext.state", "cl_ext.sweep")),
     # A sweep runs `cl-ext run` in subprocesses: it never imports the runner (nor torch).
     (
