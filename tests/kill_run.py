@@ -27,6 +27,9 @@ from cl_ext.progress import listening
 
 def main(recipe: str, signal_name: str, point: str) -> None:
     torch.set_num_threads(1)  # as the tests: bit-identity needs the same reduction order
+    # A shell starts background jobs with SIGINT ignored (POSIX), and Python then leaves it
+    # ignored: give the run the Ctrl-C a terminal would deliver, wherever the suite was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sig = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}[signal_name]
     kind, *args = point.split(":")
     count = {"n": 0}
