@@ -32,9 +32,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's cl_ext, not an installed one
 
+from cl_ext.aggregate import summarize  # noqa: E402
 from cl_ext.config import load_recipe  # noqa: E402
 from cl_ext.references import Reference, load_references  # noqa: E402
-from cl_ext.sweep import mean_std  # noqa: E402
 
 DOCS = REPO / "docs" / "reproduction.md"
 BEGIN, END = "<!-- reproduce.py: table -->", "<!-- reproduce.py: end of table -->"
@@ -122,8 +122,8 @@ class Stat:
 
 
 def stat(values: list[float]) -> Stat | None:
-    mean, std = mean_std(values)
-    return None if mean is None else Stat(mean, std)
+    spread = summarize(values)
+    return None if spread.mean is None else Stat(spread.mean, spread.std)
 
 
 def read_results(sweep_dir: Path, nme: bool) -> list[Result]:

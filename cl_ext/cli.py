@@ -439,14 +439,14 @@ def sweep(
         sweeps.execute(plan, runner)
     except (KeyboardInterrupt, Terminated) as err:
         plan.log("stopped; the runs that were going keep their checkpoints")
-        _sweep_table(plan, sweeps)
+        _sweep_table(plan)
         label, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
         _fail(f"resume with: cl-ext sweep --resume {plan.path}", code=code, label=label)
     finally:
         runner.close()
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    _sweep_table(plan, sweeps)
+    _sweep_table(plan)
     failed = [run for run in plan.runs if run.status == "failed"]
     if failed:
         lines = "\n".join(f"  {run.id}: {sweeps.headline_error(run.error or '')}" for run in failed)
@@ -461,15 +461,17 @@ def _echo(text: str) -> None:
     console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
-def _sweep_table(plan, sweeps) -> None:
+def _sweep_table(plan) -> None:
     """Mean +- std of average incremental accuracy per grid point, and where the full report is."""
+    from cl_ext.aggregate import summarize
+
     table = Table(title=f"{plan.path.name}: average incremental accuracy (%) over seeds")
     for column in ("grid point", "seeds finished", "mean", "std"):
         table.add_column(column, justify="left" if column == "grid point" else "right")
     for label, runs in plan.points():
         values = plan.point_aia(runs)
-        mean, std = sweeps.mean_std(values)
-        table.add_row(label, f"{len(values)}/{len(runs)}", _fmt(mean), _fmt(std))
+        spread = summarize(values)
+        table.add_row(label, f"{len(values)}/{len(runs)}", _fmt(spread.mean), _fmt(spread.std))
     console.print(table)
     console.print(f"results: {plan.path / 'summary.csv'}\nreport: cl-ext report {plan.path}", highlight=False)
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -298,12 +297,6 @@ def _headline(metrics: dict[str, Any]) -> str:
     aia, final = metrics.get("average_incremental_accuracy"), metrics.get("final_accuracy")
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     return f"average incremental accuracy {pct(aia)}, final accuracy {pct(final)}"
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1); None where there are too few values."""
-    mean = statistics.fmean(values) if values else None
-    return mean, statistics.stdev(values) if len(values) > 1 else None
 
 
 # -- planning ------------------------------------------------------------------------------------
