@@ -24,6 +24,7 @@ time. Evaluation is not run.
     python benchmarks/method_steps.py --data permuted           # SLNID's protocol, a head per task
     python benchmarks/method_steps.py --data cifar100           # ResNet-32, batch 128 (slow on a CPU)
     python benchmarks/method_steps.py --methods replay ucir --repetitions 5
+    python benchmarks/method_steps.py --parts                   # replay + a teacher's forward pass, UCIR's terms one by one
 
 From Python: ``measure(data="digits", repetitions=3)`` returns the same numbers as a dict.
 """
@@ -51,6 +52,7 @@ from avalanche.core import SupervisedPlugin  # noqa: E402
 from cl_ext import randomness  # noqa: E402
 from cl_ext.config import validate_recipe  # noqa: E402
 from cl_ext.runner import build_experiment  # noqa: E402
+from cl_ext.training import frozen_copy  # noqa: E402
 
 DATA_ROOT = ROOT.parent / "shared" / "data"
 
@@ -130,6 +132,37 @@ METHODS: dict[str, tuple[str | None, dict[str, Any]]] = {
     ),
     "mas+slnid": ("mas", {"plugins": [{"name": "slnid"}]}),
 }
+DEFAULT_METHODS = list(METHODS)
+
+
+def _ucir_part(**options: bool) -> tuple[str, dict[str, Any]]:
+    return ("replay", {"plugins": [{"name": "ucir", "options": {"cb_finetune": False, **options}}]})
+
+
+# Where a method's cost comes from (``--parts``): replay plus one piece at a time. "teacher" runs
+# a frozen copy's forward pass and discards it, the least any distilling method adds; the UCIR
+# rows switch its terms on one by one (the cosine head and imprinting are always on); "eeil-main"
+# is EEIL without its balanced fine-tuning.
+PARTS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "teacher": ("replay", {}),
+    "ucir-head": _ucir_part(less_forget=False, margin_ranking=False),
+    "ucir-head+lf": _ucir_part(margin_ranking=False),
+    "ucir-head+mr": _ucir_part(less_forget=False),
+    "ucir-no-cbf": _ucir_part(),
+    "eeil-main": ("replay", {"plugins": [{"name": "eeil", "options": {"balanced_finetuning": False}}]}),
+}
+METHODS.update(PARTS)
+
+
+class _TeacherForward(SupervisedPlugin):
+    """A frozen copy of the model runs on every batch and its output is dropped (the "teacher" part)."""
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.teacher = frozen_copy(strategy.model)
+
+    def before_backward(self, strategy, **kwargs):
+        with torch.no_grad():
+            self.teacher(strategy.mb_x)
 
 
 def recipe(
@@ -255,6 +288,8 @@ class _Run:
                     run.steps.append(run.now() - run._step_start)
                 run._pause()
 
+        if name == "teacher":
+            self.exp.strategy.plugins.insert(0, _TeacherForward())
         self.exp.strategy.plugins.insert(0, Start())
         self.exp.strategy.plugins.append(Stop())
 
@@ -320,7 +355,7 @@ def measure(
     baseline's), and the per-repetition ratios; ratios are None for a baseline. Leaves torch's
     thread count alone.
     """
-    methods = list(methods or DATA[data].get("methods", METHODS))
+    methods = list(methods or DATA[data].get("methods", DEFAULT_METHODS))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose among {list(METHODS)}")
@@ -389,7 +424,12 @@ def main() -> None:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        help="default: all (permuted: MAS and MAS + SLNID, the task-incremental pair)",
+        help="default: every method, no part (permuted: MAS and MAS + SLNID, the task-incremental pair)",
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help=f"replay and the pieces of the methods' costs instead: {', '.join(PARTS)}",
     )
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="epochs per experience (default: the data's setting)")
@@ -399,7 +439,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="avalanche")  # its deprecation notices, once per run built
-    result = measure(args.data, args.methods, args.repetitions, args.epochs, args.device, args.data_root)
+    methods = ["replay", *PARTS] if args.parts else args.methods
+    result = measure(args.data, methods, args.repetitions, args.epochs, args.device, args.data_root)
     s = result["settings"]
     print(
         f"{s['data']}, {s['repetitions']} repetitions, {s['threads']} thread(s), {s['device']}, {s['clock']}; "

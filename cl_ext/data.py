@@ -336,7 +336,8 @@ def resolve(dataset) -> TensorView | str:
 # -- loading -------------------------------------------------------------------------------
 class TensorLoader:
     """Batches ``[x, y, t]`` of a :class:`TensorView` on ``device``, like Avalanche's loaders
-    (shuffled or in order, the last batch smaller).
+    (shuffled or in order, the last batch smaller); ``last_rows`` says which source rows the
+    last batch holds.
 
     Each pass draws one seed from ``generator`` (torch's global generator when None), as a
     ``DataLoader`` does, and takes both the order and the augmentation from it.
@@ -358,6 +359,9 @@ class TensorLoader:
         self.rows = view.rows.to(self.device)
         self.targets = view.targets.to(self.device)
         self.tasks = view.tasks.to(self.device)
+        # The source rows of the batch yielded last: what a sample is, for values kept per
+        # sample (cl_ext.training.TeacherOutputs).
+        self.last_rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.view) / self.batch_size)
@@ -381,6 +385,7 @@ class TensorLoader:
                 x = self.view.source.gather(rows, self.device)
             else:
                 x = self.view.pipeline.gather(self.view.source, rows, self.device, draws)
+            self.last_rows = rows
             yield [x, targets, tasks]
 
 

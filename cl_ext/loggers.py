@@ -27,7 +27,8 @@ from cl_ext.errors import RecipeError
 from cl_ext.metrics import IncrementalAccuracy
 from cl_ext.randomness import isolated
 from cl_ext.registry import register
-from cl_ext.report.build import HEADLINE, plugin_step_tables, step_records
+from cl_ext.report.build import HEADLINE, plugin_step_tables
+from cl_ext.steps import NOT_FRACTIONS, step_records
 
 PathSource = str | Path | Callable[[], "str | Path | None"] | None
 
@@ -273,16 +274,7 @@ def final_logs(results: dict[str, Any]) -> dict[str, Any]:
         ],
         allow_mixed_types=True,
     )
-    percent = {
-        "seen_accuracy",
-        "old_accuracy",
-        "new_accuracy",
-        "base_accuracy",
-        "novel_accuracy",
-        "new_prediction_share",
-        "forgetting",
-        "nme_seen_accuracy",
-    }
+    percent = {k for k in records[0] if k not in NOT_FRACTIONS} if records else set()
     columns = [f"{k} (%)" if k in percent else k for k in records[0]] if records else []
     steps = wandb.Table(
         columns=columns,  # type: ignore[arg-type]  # wandb types columns list[str | int], invariant

@@ -44,6 +44,7 @@ from cl_ext.memory import ExemplarMemory, ExemplarMemoryPlugin
 from cl_ext.metrics import IncrementalAccuracy, ListenedEvaluationPlugin
 from cl_ext.progress import phase
 from cl_ext.protocols import Summarized
+from cl_ext.steps import STEP_KEYS, step_records
 from cl_ext.training import NonFiniteLossGuard
 
 CHECKPOINT = "checkpoint.pt"
@@ -460,45 +461,14 @@ def collect_metrics(exp: Experiment, wall_times: list[float], finished: bool) ->
     return out
 
 
-STEP_COLUMNS = [
-    "step",
-    "classes_seen",
-    "seen_accuracy",
-    "old_accuracy",
-    "new_accuracy",
-    "base_accuracy",
-    "novel_accuracy",
-    "new_prediction_share",
-    "forgetting",
-    "average_incremental_accuracy_so_far",
-    "wall_time_s",
-]
-
-
 def steps_csv(metrics: dict[str, Any]) -> str:
-    buffer = io.StringIO()
     n = metrics["completed_experiences"]
-    sizes = metrics["benchmark"]["classes_per_exp"]
-    extra = [k for k in ("nme",) if k in metrics]
+    columns = [k for k in STEP_KEYS if k != "nme_seen_accuracy" or "nme" in metrics]
+    buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(STEP_COLUMNS + [f"{k}_seen_accuracy" for k in extra] + [f"acc_exp{j}" for j in range(n)])
-    for t in range(n):
-        seen_so_far = [a for a in metrics["seen_accuracy"][: t + 1] if a is not None]
-        row = [
-            t,
-            sum(sizes[: t + 1]),
-            metrics["seen_accuracy"][t],
-            metrics["old_accuracy"][t],
-            metrics["new_accuracy"][t],
-            metrics["base_accuracy"][t],
-            metrics["novel_accuracy"][t],
-            metrics["new_prediction_share"][t],
-            metrics["forgetting_per_step"][t],
-            float(np.mean(seen_so_far)) if seen_so_far else None,
-            metrics["wall_time_per_exp"][t],
-        ]
-        row += [metrics[k]["seen_accuracy"][t] if t < len(metrics[k]["seen_accuracy"]) else None for k in extra]
-        row += [metrics["accuracy_matrix"][t][j] for j in range(n)]
+    writer.writerow(columns + [f"acc_exp{j}" for j in range(n)])
+    for t, record in enumerate(step_records(metrics)[:n]):
+        row = [record[k] for k in columns] + [metrics["accuracy_matrix"][t][j] for j in range(n)]
         writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
     return buffer.getvalue()
 

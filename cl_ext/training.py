@@ -13,6 +13,8 @@ Plugins that add to the loss name their terms with :func:`record_loss_terms`, so
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,10 +25,13 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from cl_ext import progress
-from cl_ext.data import loader
+from cl_ext.data import TensorLoader, loader
 from cl_ext.errors import CLExtError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (inputs, labels, the phase's loader) -> the minibatch's loss; the loader says which samples
+# the batch holds (TeacherOutputs.outputs).
+LossFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,8 +63,8 @@ def train_phase(
 ) -> list[float]:
     """Train ``params`` on ``dataset`` for ``schedule.epochs`` epochs; returns the mean loss per epoch.
 
-    ``loss_fn(x, y)`` computes the loss of a minibatch (moved to ``device``); it usually
-    closes over the model. ``mode="eval"`` keeps batch-norm statistics and dropout frozen,
+    ``loss_fn(x, y, batches)`` computes the loss of a minibatch (moved to ``device``) served by
+    ``batches``; it usually closes over the model. ``mode="eval"`` keeps batch-norm statistics and dropout frozen,
     as BiC's stage 2 needs. Only ``params`` are updated; they must require gradients.
     ``before_step(epoch, n)``, if given, runs after each backward pass and before the optimizer
     step, with the phase's epoch (from 0) and the minibatch's size (to edit gradients, e.g.
@@ -85,13 +90,14 @@ def train_phase(
                 total, count = 0.0, 0
                 for iteration, batch in enumerate(batches):
                     x, y = batch[0].to(device), batch[1].to(device)
-                    loss = loss_fn(x, y)
+                    loss = loss_fn(x, y, batches)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(
                             f"{description}: the loss is {float(loss.detach())} at epoch {epoch + 1}/{schedule.epochs}, "
                             f"iteration {iteration + 1}: lower the phase's learning rate ({schedule.lr})"
                         )
-                    optimizer.zero_grad(set_to_none=True)
+                    for param in params:  # zero_grad(set_to_none=True) without its per-call wrappers
+                        param.grad = None
                     loss.backward()
                     if before_step is not None:
                         before_step(epoch, len(y))
@@ -114,6 +120,82 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+class TeacherOutputs:
+    """What a frozen teacher computes on each training batch, computed once per experience where
+    the inputs allow it.
+
+    A teacher is fixed for a whole experience; when the training inputs are not augmented, a
+    sample is the same tensor in every epoch and the teacher's output on it is too. Then one
+    pass over the experience's data, in order and in large batches, replaces the teacher's
+    forward pass in every iteration (saving all but one of them per sample and epoch), and
+    each batch reads its samples' rows (the tensor data path's ``TensorLoader.last_rows``).
+    Elsewhere -- augmented inputs, Avalanche's loaders, ``cached=False`` (a plugin that edits the
+    batch before the forward pass) -- it runs the teacher on the batch, as before.
+
+    The result must be what the teacher computes on the batch itself, to the bit: the first
+    batch of each size in an experience is also computed directly and compared, and batches of
+    a size that differs (matrix kernels may round differently by batch size: on the CPU a batch
+    of one or two takes another kernel) are computed directly for the rest of the experience.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], *, cached: bool = True):
+        self.forward = forward  # (inputs, task labels) -> outputs, run without gradient
+        self.cached = cached
+        self._loader: Any = None  # the training loader the table was made for
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (outputs, source row -> their row)
+        self._checked: set[int] = set()  # batch sizes whose outputs matched
+        self._direct: set[int] = set()  # batch sizes whose outputs did not: the teacher runs on them
+
+    def __call__(self, strategy: Any) -> torch.Tensor:
+        """The outputs for the strategy's current minibatch."""
+        return self.outputs(strategy.mb_x, strategy.mb_task_id, getattr(strategy, "dataloader", None))
+
+    def outputs(self, x: torch.Tensor, task_labels: torch.Tensor | None, loader: Any) -> torch.Tensor:
+        """The outputs for ``x``, the batch ``loader`` yielded last."""
+        if self.cached and loader is not self._loader:
+            self._fill(loader)
+        if self._table is None or len(loader.last_rows) in self._direct:
+            return self._run(x, task_labels)
+        values, slot = self._table
+        out = values[slot[loader.last_rows]]
+        size = len(out)
+        if size not in self._checked:
+            direct = self._run(x, task_labels)
+            if not torch.equal(direct, out):
+                log.info("batches of %d: the teacher's outputs computed once round differently; run per batch", size)
+                self._direct.add(size)
+                return direct
+            self._checked.add(size)
+        return out
+
+    def _run(self, x: torch.Tensor, task_labels: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.forward(x, task_labels)
+
+    def _fill(self, loader: Any) -> None:
+        self._loader, self._table, self._checked, self._direct = loader, None, set(), set()
+        if not isinstance(loader, TensorLoader):
+            return
+        view = loader.view
+        if view.pipeline is not None and view.pipeline.augments:
+            return
+        rows, where = view.rows.unique(return_inverse=True)
+        if not len(rows):
+            return
+        tasks = torch.zeros_like(rows).scatter_(0, where, view.tasks)
+        # In order and without augmentation, this pass draws nothing from the random generators.
+        once = TensorLoader(
+            dataclasses.replace(view, rows=rows, targets=torch.zeros_like(rows), tasks=tasks),
+            batch_size=max(loader.batch_size, 256),
+            device=loader.device,
+        )
+        with torch.no_grad():
+            values = torch.cat([self.forward(x, t) for x, _, t in once])
+        slot = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=loader.device)
+        slot[rows.to(loader.device)] = torch.arange(len(rows), device=loader.device)
+        self._table = values, slot
 
 
 # -- loss terms and the guard ---------------------------------------------------------------

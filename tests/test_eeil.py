@@ -200,9 +200,9 @@ def test_multiplicity_passes_over_each_phases_data_that_many_times_per_epoch(mon
             seen["main"].append(images(strategy.mb_x))
 
     def recording_train_phase(model, data, params, loss_fn, *args, **kwargs):
-        def recording_loss(x, y):
+        def recording_loss(x, y, batches):
             seen["finetuning"].append((images(x), y.tolist()))
-            return loss_fn(x, y)
+            return loss_fn(x, y, batches)
 
         return original_train_phase(model, data, params, recording_loss, *args, **kwargs)
 

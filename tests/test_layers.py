@@ -44,7 +44,7 @@ REPORT_UPPER = (
 RULES = [
     (
         # The references and the aggregation over seeds import none of the layers above, as components.
-        (*COMPONENTS, "cl_ext.aggregate", "cl_ext.references"),
+        (*COMPONENTS, "cl_ext.aggregate", "cl_ext.references", "cl_ext.steps"),
         (
             "cl_ext.cli",
             "cl_ext.runner",

@@ -50,3 +50,13 @@ def test_every_setting_builds_valid_recipes_for_its_methods():
             assert checked.benchmark.name == setting["benchmark"]["name"], (data, method)
     assert ms.recipe("permuted", "mas")["model"]["options"]["multihead"] is True
     assert ms.recipe("cifar100", "ucir")["model"]["name"] == "resnet32"
+
+
+def test_the_teacher_part_trains_exactly_as_replay():
+    # Its frozen copy's forward pass must leave the weights and the random state alone, or the
+    # part would not time replay's very steps plus a teacher.
+    ms = _module()
+    runs = ms._repetition({m: ms.recipe("digits", m, epochs=1) for m in ("replay", "teacher")})
+    replay, teacher = _weights(runs["replay"]), _weights(runs["teacher"])
+    assert all(torch.equal(replay[k], teacher[k]) for k in replay)
+    assert len(runs["teacher"].steps) == len(runs["replay"].steps) > 0

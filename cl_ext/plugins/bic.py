@@ -60,7 +60,7 @@ from cl_ext.plugins.correction import (
     output_logits,
 )
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
+from cl_ext.training import PhaseSchedule, TeacherOutputs, frozen_copy, record_loss_terms, train_phase
 
 # The report's plot of the learned correction (cl_ext.report.KnownSeries, as data in metrics.json).
 BIAS_FIGURE = {
@@ -179,7 +179,7 @@ def fit_bias_correction(
         }
     )
 
-    def loss_fn(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_fn(z: torch.Tensor, y: torch.Tensor, _batches) -> torch.Tensor:
         corrected = correct_logits(z, params["alpha"], params["beta"], start, end)
         return stage2_loss(corrected, y, params["beta"], beta_penalty)
 
@@ -274,6 +274,7 @@ class BiCPlugin(SupervisedPlugin):
         self.n_steps = n_steps
         self._generator = torch.Generator().manual_seed(seed)
         self.teacher: nn.Module | None = None
+        self._teacher_logits: TeacherOutputs | None = None
         self.n_seen = 0  # classes learned in finished steps
         self.group = (0, 0)  # units of the classes being learned
         self.history: list[dict[str, Any]] = []
@@ -287,6 +288,7 @@ class BiCPlugin(SupervisedPlugin):
         if self.n_seen:
             # The teacher keeps the previous correction; the student trains on raw logits.
             self.teacher = frozen_copy(strategy.model)
+            self._teacher_logits = TeacherOutputs(lambda x, t, teacher=self.teacher: teacher(x))
         self.bias_layer.reset()
 
     def _set_weight_decay(self, strategy) -> None:
@@ -299,11 +301,10 @@ class BiCPlugin(SupervisedPlugin):
             group["weight_decay"] = shrunk_weight_decay(base, experience.current_experience, n_steps)
 
     def before_backward(self, strategy, **kwargs):
-        if self.teacher is None:
+        if self._teacher_logits is None:
             return
         n_old = self.n_seen
-        with torch.no_grad():
-            teacher_logits = self.teacher(strategy.mb_x)[:, :n_old]
+        teacher_logits = self._teacher_logits(strategy)[:, :n_old]
         kd = soft_cross_entropy(strategy.mb_output[:, :n_old], teacher_logits, self.temperature)
         weight = distillation_weight(n_old, self.group[1] - self.group[0])
         # Recorded from a detached copy: a product that only the error message reads needs no autograd node.
@@ -311,7 +312,7 @@ class BiCPlugin(SupervisedPlugin):
         strategy.loss = stage1_loss(strategy.loss, kd, weight)
 
     def after_training_exp(self, strategy, **kwargs):
-        self.teacher = None
+        self.teacher = self._teacher_logits = None
         start, end = self.group
         if self.n_seen:
             self._stage2(strategy, start, end)

@@ -44,7 +44,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.losses import soft_cross_entropy
 from cl_ext.memory import ExemplarMemory, herding_order
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
+from cl_ext.training import PhaseSchedule, TeacherOutputs, frozen_copy, record_loss_terms, train_phase
 
 # -- losses ----------------------------------------------------------------------------
 
@@ -286,6 +286,7 @@ class EEILPlugin(SupervisedPlugin):
         self.multiplicity = multiplicity
         self.step_classes: list[list[int]] = []  # output units learned in each finished step
         self.teacher: nn.Module | None = None
+        self._teacher_logits: TeacherOutputs | None = None
         self._distilled: StepUnits | None = None  # the finished steps, while one trains
         self._term_names: list[str] = []
         self._current: list[int] = []
@@ -298,7 +299,7 @@ class EEILPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         self._current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
         self._epoch = 0
-        self.teacher = None
+        self.teacher = self._teacher_logits = None
         if self.step_classes:
             if not self.memory.classes:
                 raise RuntimeError(
@@ -307,6 +308,10 @@ class EEILPlugin(SupervisedPlugin):
                 )
             # The head has grown already; its new units are never read from the teacher.
             self.teacher = frozen_copy(strategy.model)
+            # Its own augmentation edits the batch after loading: then no sample is the same twice.
+            self._teacher_logits = TeacherOutputs(
+                lambda x, t, teacher=self.teacher: teacher(x), cached=self.augment is None
+            )
             self._distilled = StepUnits(self.step_classes, strategy.device)
             self._term_names = [f"distillation_step{i}" for i in range(len(self.step_classes))]
             # Snapshot before the memory shrinks to the new quota: the balanced set keeps the
@@ -326,11 +331,11 @@ class EEILPlugin(SupervisedPlugin):
             strategy.mbatch[0] = self.augment(strategy.mbatch[0])
 
     def before_backward(self, strategy, **kwargs):
-        if self.teacher is None:
+        if self._teacher_logits is None:
             return
-        with torch.no_grad():
-            teacher_logits = self.teacher(strategy.mb_x)
-        terms = distillation_terms(strategy.mb_output, teacher_logits, self._distilled, self.temperature)
+        terms = distillation_terms(
+            strategy.mb_output, self._teacher_logits(strategy), self._distilled, self.temperature
+        )
         record_loss_terms(strategy, **dict(zip(self._term_names, terms.detach().unbind())))
         strategy.loss += terms.sum()
 
@@ -346,7 +351,7 @@ class EEILPlugin(SupervisedPlugin):
         if self.teacher is not None and self.finetune is not None:
             self._balanced_finetuning(strategy)
         self.step_classes.append(self._current)
-        self.teacher = self._distilled = None
+        self.teacher = self._teacher_logits = self._distilled = None
         self._old_exemplars = None
 
     def _balanced_finetuning(self, strategy) -> None:
@@ -362,15 +367,14 @@ class EEILPlugin(SupervisedPlugin):
             tensor_enabled(strategy),
         )
         teacher = frozen_copy(model)
+        teacher_logits = TeacherOutputs(lambda x, t: teacher(x), cached=self.augment is None)
         # The temporary term: the new step's units join the distilled ones for this phase only.
         steps = StepUnits(self.step_classes + [self._current], device)
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss_fn(x: torch.Tensor, y: torch.Tensor, batches) -> torch.Tensor:
             if self.augment is not None:
                 x = self.augment(x)
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            return cross_distilled_loss(model(x), y, teacher_logits, steps, self.temperature)
+            return cross_distilled_loss(model(x), y, teacher_logits.outputs(x, None, batches), steps, self.temperature)
 
         # The authors' fine-tuning resumes from the training phase's last checkpoint, so its
         # epochs (and the noise schedule) continue the count: 41 to 70 after 40.

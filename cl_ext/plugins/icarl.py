@@ -39,7 +39,7 @@ from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.models.backbones import linear_head
 from cl_ext.registry import register
-from cl_ext.training import frozen_copy
+from cl_ext.training import TeacherOutputs, frozen_copy
 
 
 # -- loss ------------------------------------------------------------------------------------
@@ -78,6 +78,7 @@ class ICaRLPlugin(SupervisedPlugin):
         super().__init__()
         self.old_classes: list[int] = []
         self.teacher: nn.Module | None = None
+        self._teacher: TeacherOutputs | None = None
         self._old_units: torch.Tensor | None = None
         self._teacher_logits: torch.Tensor | None = None
         self._current: list[int] = []
@@ -96,23 +97,23 @@ class ICaRLPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self._current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
-        self.teacher = self._old_units = self._teacher_logits = None
+        self.teacher = self._teacher = self._old_units = self._teacher_logits = None
         if self.old_classes:
             # After the model adaptation: a growing head has its new units already, and the
             # teacher's are never read.
             self.teacher = frozen_copy(strategy.model)
             self._old_units = torch.tensor(self.old_classes, dtype=torch.long, device=strategy.device)
+            self._teacher = TeacherOutputs(lambda x, t, teacher=self.teacher: avalanche_forward(teacher, x, t))
 
     def after_forward(self, strategy, **kwargs):
         # The batch as the model saw it, augmentation included: the authors feed the teacher
         # the same augmented minibatch (``func_pred(inputs)``).
-        if self.teacher is not None:
-            with torch.no_grad():
-                self._teacher_logits = avalanche_forward(self.teacher, strategy.mb_x, strategy.mb_task_id)
+        if self._teacher is not None:
+            self._teacher_logits = self._teacher(strategy)
 
     def after_training_exp(self, strategy, **kwargs):
         self.old_classes = sorted(set(self.old_classes) | set(self._current))
-        self.teacher = self._old_units = self._teacher_logits = None
+        self.teacher = self._teacher = self._old_units = self._teacher_logits = None
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

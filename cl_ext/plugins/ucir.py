@@ -42,7 +42,7 @@ from cl_ext.errors import RecipeError
 from cl_ext.memory import ExemplarMemory, extract_features
 from cl_ext.models.cosine import CosineIncrementalClassifier, find_cosine_head, unit_rows, use_cosine_head
 from cl_ext.registry import register
-from cl_ext.training import PhaseSchedule, frozen_copy, record_loss_terms, train_phase
+from cl_ext.training import PhaseSchedule, TeacherOutputs, frozen_copy, record_loss_terms, train_phase
 
 
 # -- loss terms ----------------------------------------------------------------------------
@@ -168,6 +168,7 @@ class UCIRPlugin(SupervisedPlugin):
         self.head: CosineIncrementalClassifier | None = None
         self.teacher: nn.Module | None = None
         self._teacher_input: _RunToHead | None = None
+        self._old_units: TeacherOutputs | None = None
         self._n_old = 0
         self._lambda = 0.0
 
@@ -190,6 +191,7 @@ class UCIRPlugin(SupervisedPlugin):
             # Copied before any hook is registered on the model, so that none is copied.
             self.teacher = frozen_copy(model)
             self._teacher_input = _RunToHead(self.teacher, find_cosine_head(self.teacher))
+            self._old_units = TeacherOutputs(lambda x, t, run=self._teacher_input: unit_rows(run(x, t)))
         head.weight_old.requires_grad_(not self.freeze_old)
         if self.imprint:
             features, labels = self._head_features(
@@ -210,9 +212,7 @@ class UCIRPlugin(SupervisedPlugin):
         if scores is None:  # base step
             return
         if self.less_forget:
-            with torch.no_grad():
-                old_units = unit_rows(self._teacher_input(strategy.mb_x, strategy.mb_task_id))
-            term = self._lambda * less_forget_loss(scores.units, old_units)
+            term = self._lambda * less_forget_loss(scores.units, self._old_units(strategy))
             record_loss_terms(strategy, less_forget=term)
             strategy.loss += term
         if self.margin_ranking:
@@ -229,7 +229,7 @@ class UCIRPlugin(SupervisedPlugin):
         record["eta"] = float(self.head.eta.detach())
         if self._teacher_input is not None:
             self._teacher_input.remove()
-        self.teacher = self._teacher_input = None
+        self.teacher = self._teacher_input = self._old_units = None
         self.head.keep_scores, self.head.scores = False, None
         self.head.weight_old.requires_grad_(True)
 
@@ -256,10 +256,11 @@ class UCIRPlugin(SupervisedPlugin):
         head.weight_old.requires_grad_(True)
         head_input = _RunToHead(model, head)
 
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                features = head_input(x)  # the backbone is frozen: its features need no graph
-            scores = head.cosine(features)
+        # The backbone is frozen: its features need no graph, and are the same in every epoch.
+        features = TeacherOutputs(lambda x, t: head_input(x))
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor, batches) -> torch.Tensor:
+            scores = head.cosine(features.outputs(x, None, batches))
             loss = F.cross_entropy(head.eta.detach() * scores, y)
             if self.margin_ranking:
                 loss = loss + self.mr_weight * margin_ranking_loss(scores, y, self._n_old, self.margin, self.top_k)

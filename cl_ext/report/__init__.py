@@ -28,7 +28,6 @@ from cl_ext.report.build import (
     build_report,
     declared_series,
     plugin_step_tables,
-    step_records,
 )
 from cl_ext.report.figures import (
     KnownSeries,
@@ -45,6 +44,7 @@ from cl_ext.report.runs import ReportError, RunData, label_runs, load_run, wandb
 from cl_ext.report.seeds import report_for_dirs
 from cl_ext.report.wandb import publish_wandb_report, wandb_report_objects, wandb_report_spec
 from cl_ext.report.write import write_report, write_run_report
+from cl_ext.steps import step_records
 
 __all__ = [
     "CNN_PREFIX",

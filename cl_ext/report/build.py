@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from cl_ext.aggregate import flatten
 from cl_ext.report.blocks import Block, Code, Figure, Report, Section, Table, Text, fmt_duration, fmt_pct, fmt_value
 from cl_ext.report.figures import (
     KnownSeries,
@@ -21,6 +22,7 @@ from cl_ext.report.figures import (
     rising_losses,
 )
 from cl_ext.report.runs import ReportError, RunData, label_runs
+from cl_ext.steps import step_records
 
 # Keys of the per-step values in W&B: the names of cl-ext's metric values, which the W&B
 # logger logs as they come (see cl_ext.metrics.IncrementalAccuracy.after_eval).
@@ -59,18 +61,6 @@ def declared_series(name: str, summary: dict[str, Any]) -> list[KnownSeries]:
         return [KnownSeries(**f) for f in fields]
     except TypeError as err:
         raise ReportError(f"plugin {name}: its summary's {FIGURES_KEY!r} entry is not a figure spec: {err}") from err
-
-
-def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys: {'a': {'b': 1}} -> {'a.b': 1}."""
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def plugin_step_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
@@ -152,35 +142,6 @@ def headline_table(run: RunData) -> Table:
     rows.append(["experiences completed", done] + ([""] if nme else []))
     rows.append(["wall time (training + evaluation)", fmt_duration(m.get("total_wall_time"))] + ([""] if nme else []))
     return Table(columns, rows, caption="Headline numbers")
-
-
-def step_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per finished step (fractions, as in metrics.json); the W&B logger logs the same."""
-    sizes = metrics["benchmark"]["classes_per_exp"]
-    nme = metrics.get("nme") or {}
-    records = []
-    for t in range(len(metrics["seen_accuracy"])):
-
-        def at(source: dict[str, Any], key: str, t: int = t) -> Any:
-            values = source.get(key) or []
-            return values[t] if t < len(values) else None
-
-        records.append(
-            {
-                "step": t,
-                "classes_seen": int(sum(sizes[: t + 1])),
-                "seen_accuracy": at(metrics, "seen_accuracy"),
-                "old_accuracy": at(metrics, "old_accuracy"),
-                "new_accuracy": at(metrics, "new_accuracy"),
-                "base_accuracy": at(metrics, "base_accuracy"),
-                "novel_accuracy": at(metrics, "novel_accuracy"),
-                "new_prediction_share": at(metrics, "new_prediction_share"),
-                "forgetting": at(metrics, "forgetting_per_step"),
-                "nme_seen_accuracy": at(nme, "seen_accuracy"),
-                "wall_time_s": at(metrics, "wall_time_per_exp"),
-            }
-        )
-    return records
 
 
 def steps_table(run: RunData) -> Table:
