@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from torch.utils.data import TensorDataset
 
 from cl_ext.models.backbones import IncrementalNet
 from cl_ext.plugins.ewc import FacilFisherEWCPlugin
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _network() -> IncrementalNet:
@@ -64,3 +67,33 @@ def test_facil_fisher_leaves_the_batch_norm_statistics_and_training_mode():
     for name, b in model.named_buffers():
         assert torch.equal(b, before[name]), name
     assert model.training
+
+
+def test_ewc_fisher_script_recomputes_what_the_run_saved(tiny_recipe_data, tmp_path, capsys):
+    """benchmarks/ewc_fisher.py rebuilds a finished run's network from its checkpoint: its
+    Avalanche Fisher must be the one the run's EWCPlugin saved after the last experience."""
+    import importlib.util
+
+    from cl_ext.config import validate_recipe
+    from cl_ext.runner import build_experiment, new_run_dir, run_experiment
+
+    data = tiny_recipe_data
+    data["strategy"].update(name="ewc", memory=None, epochs=1, options={"ewc_lambda": 10.0})
+    data["output"]["dir"] = str(tmp_path)
+    recipe = validate_recipe(data)
+    run_dir = new_run_dir(recipe)
+    run_experiment(build_experiment(recipe), run_dir)
+    spec = importlib.util.spec_from_file_location("ewc_fisher", ROOT / "benchmarks" / "ewc_fisher.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    script.main([str(run_dir)])
+    lines = capsys.readouterr().out.splitlines()
+
+    def largest(start: str, has: str = "") -> float:
+        (line,) = [line for line in lines if line.startswith(start) and has in line]
+        return float(line.split("largest ")[1].split(" ")[0])
+
+    saved = largest("saved by", "EWCPlugin, importance 4:")  # the last of the 5 experiences
+    assert largest("Avalanche's Fisher") == pytest.approx(saved, rel=1e-3)
+    assert largest("FACIL's Fisher") > 0
