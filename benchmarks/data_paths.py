@@ -98,6 +98,8 @@ MEMORY_SIZE = {"digits": 100, "mnist": 200}  # recipes with a fixed budget; UCIR
 # EEIL's rows were measured before the recipe took the authors' twelve passes per epoch and
 # gradient noise; these keep them (the twelve passes would make the rows twelve times longer).
 EEIL_AS_MEASURED = ["plugins.0.options.multiplicity=1", "plugins.0.options.gradient_noise=false"]
+# EWC's rows were measured before the recipe took FACIL's lambda in Avalanche's convention.
+EWC_AS_MEASURED = ["strategy.options={ewc_lambda: 5000.0, mode: separate}"]
 # Per method: extra training phases scaled down with the main schedule; EEIL's recipe undoes
 # CIFAR-100's normalisation before its photometric jitter, here the benchmark's own.
 METHOD_OVERRIDES: dict[str, dict[str, list[str]]] = {
@@ -109,6 +111,7 @@ METHOD_OVERRIDES: dict[str, dict[str, list[str]]] = {
             "plugins.0.options.augment_std=[0.5]",
             *EEIL_AS_MEASURED,
         ],
+        "ewc": EWC_AS_MEASURED,
         "ucir": ["plugins.0.options.finetune_epochs=10", "plugins.0.options.finetune_milestones=[7]"],
         "bic": ["plugins.0.options.stage2_epochs=30", "plugins.0.options.stage2_milestones=[10, 20]"],
     },
@@ -120,6 +123,7 @@ METHOD_OVERRIDES: dict[str, dict[str, list[str]]] = {
             "plugins.0.options.augment_std=[0.3081]",
             *EEIL_AS_MEASURED,
         ],
+        "ewc": EWC_AS_MEASURED,
         "ucir": ["plugins.0.options.finetune_epochs=4", "plugins.0.options.finetune_milestones=[3]"],
         "bic": ["plugins.0.options.stage2_epochs=30", "plugins.0.options.stage2_milestones=[10, 20]"],
         # SLNID is task-incremental: its MNIST row is permuted MNIST with the recipe's own model

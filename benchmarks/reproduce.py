@@ -39,7 +39,11 @@ from cl_ext.references import Reference, load_references  # noqa: E402
 DOCS = REPO / "docs" / "reproduction.md"
 BEGIN, END = "<!-- reproduce.py: table -->", "<!-- reproduce.py: end of table -->"
 
-METHODS = ("finetune", "joint", "icarl", "lwf", "ewc", "ucir", "bic", "eeil", "il2m")
+METHODS = ("finetune", "joint", "icarl", "lwf", "ewc", "ewc_facil", "ucir", "bic", "eeil", "il2m")
+
+# A method of the table that is another's recipe with one change, in both schedules: ewc_facil is
+# EWC with FACIL's Fisher computation (docs/reproduction.md says why).
+VARIANTS = {"ewc_facil": ("ewc", ("strategy.options.fisher=facil",))}
 
 # One protocol for the whole table: 5 steps of 20 classes. It has the fewest steps of the
 # papers' CIFAR-100 splits (iCaRL's and EEIL's 20-class column, BiC's own protocol), so the least
@@ -77,13 +81,13 @@ EXTRA = {
 
 
 def recipe_path(method: str) -> Path:
-    return REPO / "recipes" / f"{method}.yaml"
+    return REPO / "recipes" / f"{VARIANTS.get(method, (method,))[0]}.yaml"
 
 
 def overrides(method: str, data_root: str, full: bool = False) -> list[str]:
     """The --set overrides of one method's runs: data and protocol, and unless ``full`` the
     reduced schedule."""
-    out = [f"benchmark.options.root={data_root}", *PROTOCOL]
+    out = [f"benchmark.options.root={data_root}", *PROTOCOL, *VARIANTS.get(method, (method, ()))[1]]
     if full:
         return out
     out += SCHEDULE

@@ -34,6 +34,7 @@ from avalanche.training.utils import ParamData
 from torch import nn
 
 from cl_ext.metrics import ListenedEvaluationPlugin
+from cl_ext.plugins.ewc import FacilFisherEWCPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.protocols import Stateful
 
@@ -233,6 +234,7 @@ ADAPTERS: dict[type, tuple[Saver, Loader]] = {
     MASPlugin: (_save_mas, _load_mas),
     SummedMASPlugin: (_save_mas, _load_mas),  # the same state, summed differently
     EWCPlugin: (_save_ewc, _load_ewc),
+    FacilFisherEWCPlugin: (_save_ewc, _load_ewc),  # the same state, its Fisher computed differently
     LwFPlugin: (_save_lwf, _load_lwf),
     SynapticIntelligencePlugin: (_save_si, _load_si),
     EvaluationPlugin: (_save_evaluator, _load_evaluator),

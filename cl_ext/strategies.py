@@ -31,6 +31,7 @@ from pydantic import Field
 from cl_ext.context import BuildContext
 from cl_ext.errors import RecipeError
 from cl_ext.models.pnn import ColumnReportPlugin
+from cl_ext.plugins.ewc import FacilFisherEWCPlugin
 from cl_ext.plugins.generative_replay import VAE, GenerativeReplayPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
 from cl_ext.plugins.packnet import PackNetCapacityPlugin, PackNetNet
@@ -81,7 +82,9 @@ def build_ewc(
     ewc_lambda: Annotated[
         float,
         Field(
-            ge=0, description="weight of the EWC penalty (Avalanche's; see slnid_ewc.yaml for the SLNID authors' scale)"
+            ge=0,
+            description="weight of the EWC penalty in Avalanche's convention (docs/methods/ewc.md: FACIL's; "
+            "slnid_ewc.yaml: the SLNID authors')",
         ),
     ] = 5000.0,
     mode: Annotated[
@@ -92,16 +95,32 @@ def build_ewc(
         float | None,
         Field(ge=0, le=1, description="online mode: the old Fisher's weight (1: summed, as the SLNID authors)"),
     ] = None,
-) -> EWC:
-    """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
-    return EWC(
-        model=ctx.model,
-        criterion=_criterion(),
-        ewc_lambda=ewc_lambda,
-        mode=mode,
-        decay_factor=decay_factor,
-        **common_kwargs(ctx),
-    )
+    fisher: Annotated[
+        Literal["avalanche", "facil"],
+        Field(
+            description="avalanche: Avalanche's Fisher (eval mode, true labels, all parameters); "
+            "facil: FACIL's (train-mode BN, predicted labels, backbone only)"
+        ),
+    ] = "avalanche",
+) -> EWC | Naive:
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017); Fisher as Avalanche or FACIL compute it."""
+    if fisher == "avalanche":
+        return EWC(
+            model=ctx.model,
+            criterion=_criterion(),
+            ewc_lambda=ewc_lambda,
+            mode=mode,
+            decay_factor=decay_factor,
+            **common_kwargs(ctx),
+        )
+    if not isinstance(getattr(ctx.model, "backbone", None), torch.nn.Module):
+        raise RecipeError(
+            f"strategy.options.fisher: 'facil' penalises a backbone; model {ctx.recipe.model.name!r} has none"
+        )
+    # Avalanche's EWC strategy is the plain training loop with its plugin after the others: so is this.
+    kwargs = common_kwargs(ctx)
+    kwargs["plugins"] = [*kwargs["plugins"], FacilFisherEWCPlugin(ewc_lambda, mode=mode, decay_factor=decay_factor)]
+    return Naive(model=ctx.model, criterion=_criterion(), **kwargs)
 
 
 @register("strategy", "lwf")

@@ -65,6 +65,11 @@ def test_overrides_reduce_the_schedule_the_same_way_for_every_method(rp):
         "plugins.0.options.finetune_milestones=[1]",
     ]
     assert rp.overrides("eeil", "DATA", full=True) == protocol
+    # A variant is its base recipe with its one change, in the reduced schedule and the full one.
+    facil = "strategy.options.fisher=facil"
+    assert rp.recipe_path("ewc_facil") == rp.recipe_path("ewc")
+    assert rp.overrides("ewc_facil", "DATA") == protocol + [facil] + schedule
+    assert rp.overrides("ewc_facil", "DATA", full=True) == protocol + [facil]
 
 
 def test_read_results_keeps_finished_runs_and_takes_nme_from_metrics_json(rp, tmp_path):

@@ -252,6 +252,7 @@ TASK_LABELS = {"benchmark": {"name": "digits", "options": {"classes_per_exp": 2,
     "strategy, options, changes",
     [
         ("ewc", {"ewc_lambda": 100.0}, {}),
+        ("ewc", {"ewc_lambda": 100.0, "fisher": "facil"}, {}),
         ("lwf", {}, {}),
         ("si", {}, {}),
         ("naive", {}, {}),
@@ -266,7 +267,8 @@ TASK_LABELS = {"benchmark": {"name": "digits", "options": {"classes_per_exp": 2,
     ],
 )
 def test_avalanche_regularisers_resume_exactly(strategy, options, changes, tmp_path, monkeypatch):
-    """EWC's Fisher information, LwF's previous model, SI's path integrals and the summed MAS
+    """EWC's Fisher information (Avalanche's and FACIL's, whose shuffled pass draws from the
+    saved random state), LwF's previous model, SI's path integrals and the summed MAS
     importance go through cl-ext's adapters; the summed MAS runs with reset_optimizer, whose
     resumed experience must start from the same empty optimizer state. PackNet's masks and
     PNN's columns are the model's (PNN's grow again as Avalanche adapts the model to the

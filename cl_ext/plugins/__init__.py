@@ -3,6 +3,7 @@
 from cl_ext.memory import ExemplarMemoryPlugin
 from cl_ext.plugins.bic import BiCPlugin
 from cl_ext.plugins.eeil import EEILPlugin
+from cl_ext.plugins.ewc import FacilFisherEWCPlugin
 from cl_ext.plugins.icarl import ICaRLPlugin
 from cl_ext.plugins.il2m import IL2MPlugin
 from cl_ext.plugins.mas import SummedMASPlugin
@@ -15,6 +16,7 @@ __all__ = [
     "BiCPlugin",
     "EEILPlugin",
     "ExemplarMemoryPlugin",
+    "FacilFisherEWCPlugin",
     "ICaRLPlugin",
     "IL2MPlugin",
     "PrototypePlugin",
