@@ -28,10 +28,14 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData, zerolike_params_dict
 from torch.utils.data import DataLoader
 
+from cl_ext.randomness import measurement
+
 
 class FacilFisherEWCPlugin(EWCPlugin):
     """Avalanche's EWC with FACIL's Fisher: training-mode BN, predicted labels, backbone only."""
 
+    # A measurement: its shuffled loader's draws must not move the next experience's training.
+    @measurement
     def compute_importances(
         self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0
     ) -> dict[str, ParamData]:
