@@ -18,6 +18,8 @@ with a table over them: mean ± sample standard deviation, and SLNID − strateg
     python benchmarks/slnid_permuted.py --root ../shared/data --set benchmark.name=permuted_cifar10
     python benchmarks/slnid_permuted.py --root ../shared/data --set benchmark.name=permuted_cifar10 \\
         --seed 0 1 2 --set 'model.options.hidden=[256, 256]'
+    python benchmarks/slnid_permuted.py --root ../shared/data --set strategy.options.lambda_reg=1 \\
+        --base-set strategy.options.lambda_reg=0.1     # each arm with its own MAS weight
     python benchmarks/slnid_permuted.py --root ../shared/data --epochs 2 \\
         --set 'benchmark={name: split_mnist, options: {classes_per_exp: 2}}' --set model.options.multihead=false
 """
@@ -90,7 +92,7 @@ def compare(args: argparse.Namespace, seed: int) -> list[dict]:
     if args.train_per_class is not None:
         common.append(f"benchmark.options.train_per_class={args.train_per_class}")
     rows = []
-    for label, extra in zip(LABELS, (["plugins=[]"], [])):
+    for label, extra in zip(LABELS, (["plugins=[]", *args.base_overrides], [])):
         recipe = load_recipe(
             args.recipe, common + extra + [f"output.name={Path(args.recipe).stem}-{'slnid' if not extra else 'base'}"]
         )
@@ -180,6 +182,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe overrides")
+    parser.add_argument(
+        "--base-set",
+        dest="base_overrides",
+        action="append",
+        default=[],
+        help="recipe overrides for the run without SLNID only, after --set (e.g. its own strategy weight)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = {seed: compare(args, seed) for seed in args.seed}

@@ -408,6 +408,58 @@ def test_permuted_cifar10_tasks(tmp_path):
     assert len(few.benchmark.train_stream[0].dataset) == 20 and len(few.benchmark.test_stream[0].dataset) == 20
 
 
+def _rows_of(dataset, raw: np.ndarray) -> list[int]:
+    """Which row of ``raw`` (uint8 28x28) each unpermuted sample of ``dataset`` is."""
+    where = {raw[i].tobytes(): i for i in range(len(raw))}
+    return [
+        where.get(np.round(dataset[k][0][0].numpy() * 255).astype(np.uint8).tobytes(), -1) for k in range(len(dataset))
+    ]
+
+
+def test_validation_per_class_holds_out_training_images_instead_of_the_test_set(tmp_path):
+    root = _fake_mnist(tmp_path, per_class=12, test_per_class=4)
+    raw = np.load(root / "mnist.npz")
+    assert len({x.tobytes() for x in np.concatenate([raw["x_train"], raw["x_test"]])}) == 160  # all distinct
+    bundle = build_permuted_mnist(_ctx(), root=str(root), n_experiences=2, validation_per_class=3)
+    train, held = bundle.benchmark.train_stream, bundle.benchmark.test_stream
+    assert [len(e.dataset) for e in train] == [90, 90] and [len(e.dataset) for e in held] == [30, 30]
+    train_rows, held_rows = _rows_of(train[0].dataset, raw["x_train"]), _rows_of(held[0].dataset, raw["x_train"])
+    # Every held-out image is a training-file image (so no test image), none is trained on, none is left out.
+    assert -1 not in held_rows and -1 not in train_rows
+    assert set(held_rows).isdisjoint(train_rows) and sorted(held_rows + train_rows) == list(range(120))
+    held_labels = [int(held[0].dataset[k][1]) for k in range(30)]
+    assert held_labels == [int(raw["y_train"][r]) for r in held_rows]
+    assert np.bincount(held_labels).tolist() == [3] * 10
+    assert np.bincount([int(train[0].dataset[k][1]) for k in range(90)]).tolist() == [9] * 10
+    # Task 1 holds out the same images, permuted, with task label 1.
+    x0, y0, _ = held[0].dataset[7]
+    x1, y1, t1 = held[1].dataset[7]
+    assert (y1, t1) == (y0, 1) and not torch.equal(x0, x1)
+    assert torch.equal(x0.flatten().sort().values, x1.flatten().sort().values)
+    # A fixed draw: the same for another run seed, and train_per_class caps only the rest.
+    other = build_permuted_mnist(_ctx(seed=5), root=str(root), n_experiences=1, validation_per_class=3)
+    assert _rows_of(other.benchmark.test_stream[0].dataset, raw["x_train"]) == held_rows
+    capped = build_permuted_mnist(
+        _ctx(seed=3), root=str(root), n_experiences=1, validation_per_class=3, train_per_class=4
+    )
+    assert _rows_of(capped.benchmark.test_stream[0].dataset, raw["x_train"]) == held_rows
+    capped_rows = _rows_of(capped.benchmark.train_stream[0].dataset, raw["x_train"])
+    assert len(capped_rows) == 40 and set(capped_rows) <= set(train_rows)
+    plain = build_permuted_mnist(_ctx(), root=str(root), n_experiences=1)
+    assert len(plain.benchmark.train_stream[0].dataset) == 120 and len(plain.benchmark.test_stream[0].dataset) == 40
+
+
+def test_validation_per_class_must_leave_training_images(tmp_path):
+    from cl_ext.errors import RecipeError
+
+    root = _fake_mnist(tmp_path, per_class=12)
+    with pytest.raises(RecipeError, match=r"benchmark.options.validation_per_class: class 0 has 12 training images"):
+        build_permuted_mnist(_ctx(), root=str(root), validation_per_class=12)
+    recipe = _recipe(benchmark={"name": "permuted_cifar10", "options": {"validation_per_class": 0}})
+    with pytest.raises(RecipeError, match=r"benchmark.options.validation_per_class: Input should be greater than"):
+        validate_recipe(recipe)
+
+
 def test_permuted_cifar10_missing_data_is_one_clear_error(tmp_path):
     with pytest.raises(DataNotFoundError, match="cifar10.npz"):
         build_permuted_cifar10(_ctx(), root=str(tmp_path / "nowhere"))

@@ -6,6 +6,9 @@ pixels are scaled to [0, 1] without further normalisation, and every experience 
 its task label (0..T-1) so a multi-head model (``mlp`` with ``multihead: true``) answers
 with the task's own head. All tasks use the labels 0..9. Permuted CIFAR-10 is not in the
 paper; it is a second permuted benchmark on other images (CIFAR-10 turned grey, 32x32).
+
+With ``validation_per_class`` the evaluation stream is a held-out part of the training images
+instead of the test set, for choosing hyperparameters without looking at test accuracy.
 """
 
 from __future__ import annotations
@@ -72,6 +75,26 @@ def task_permutations(n_tasks: int, n_pixels: int, seed: int, permute_first: boo
     return perms
 
 
+# The held-out images are the same for every run seed, so that all runs of a search (every
+# method, every seed) are scored on the same images.
+VALIDATION_SEED = 0
+
+
+def hold_out(y: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (training, held out) of labels ``y``: ``per_class`` rows of each class drawn with
+    ``VALIDATION_SEED`` are held out, the rest are kept for training; both sorted."""
+    for c, n in zip(*(t.tolist() for t in y.unique(return_counts=True)), strict=True):
+        if n <= per_class:
+            raise RecipeError(
+                f"benchmark.options.validation_per_class: class {c} has {n} training images; "
+                f"holding out {per_class} must leave some to train on"
+            )
+    held = cap_per_class(y, per_class, VALIDATION_SEED)
+    kept = torch.ones(len(y), dtype=torch.bool)
+    kept[held] = False
+    return torch.nonzero(kept).flatten(), held
+
+
 def permuted_benchmark(x_train, y_train, x_test, y_test, permutations: list[torch.Tensor]):
     """An Avalanche benchmark with one experience per permutation (task label = its index)."""
     # Pixels scaled to [0, 1] as torchvision's ToTensor does, without normalisation (the authors' setting).
@@ -103,13 +126,22 @@ def _permuted_bundle(
     permutation_seed: int | None,
     permute_first: bool,
     train_per_class: int | None,
+    validation_per_class: int | None = None,
 ) -> BenchmarkBundle:
-    """The task-incremental bundle for uint8 images (N, H, W) in ``data``, one permutation per task."""
+    """The task-incremental bundle for uint8 images (N, H, W) in ``data``, one permutation per task;
+    evaluated on ``validation_per_class`` held-out training images per class instead of the test
+    set when it is given."""
     if n_experiences < 1:
         raise RecipeError(f"benchmark.options.n_experiences: must be at least 1, got {n_experiences}")
-    x_train, x_test = torch.from_numpy(data["x_train"]), torch.from_numpy(data["x_test"])
+    x_train = torch.from_numpy(data["x_train"])
     y_train = torch.as_tensor(data["y_train"], dtype=torch.long)
-    y_test = torch.as_tensor(data["y_test"], dtype=torch.long)
+    if validation_per_class is None:
+        x_test = torch.from_numpy(data["x_test"])
+        y_test = torch.as_tensor(data["y_test"], dtype=torch.long)
+    else:
+        train_rows, held = hold_out(y_train, validation_per_class)
+        x_test, y_test = x_train[held], y_train[held]
+        x_train, y_train = x_train[train_rows], y_train[train_rows]
     keep = cap_per_class(y_train, train_per_class, ctx.recipe.seed)
     x_train, y_train = x_train[keep], y_train[keep]
     seed = ctx.recipe.seed if permutation_seed is None else permutation_seed
@@ -145,11 +177,22 @@ def _permuted_builder(name: str, dataset_cls, what: str, npz_name: str, grey: bo
             bool, Field(description="permute the first task too (the authors keep it plain)")
         ] = False,
         train_per_class: PerClass = None,
+        validation_per_class: Annotated[
+            int | None,
+            Field(
+                ge=1,
+                description="hold out this many training images per class (a fixed draw, the same for every "
+                "seed) and evaluate on them, permuted per task, instead of the test set; train on the rest "
+                "(null: evaluate on the test set)",
+            ),
+        ] = None,
     ) -> BenchmarkBundle:
         data = torchvision_arrays(dataset_cls, Path(root).expanduser(), download, what, npz_name)
         if grey:
             data["x_train"], data["x_test"] = grey_luma(data["x_train"]), grey_luma(data["x_test"])
-        return _permuted_bundle(ctx, name, data, n_experiences, permutation_seed, permute_first, train_per_class)
+        return _permuted_bundle(
+            ctx, name, data, n_experiences, permutation_seed, permute_first, train_per_class, validation_per_class
+        )
 
     return build
 
